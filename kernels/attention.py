@@ -1,0 +1,129 @@
+"""Attention over the paged KV cache: the pure-torch reference backend (runs everywhere, is the test oracle).
+
+The flattened batch holds ``num_decode_tokens`` single-token decode queries first, then one contiguous chunk per
+prefill sequence. K/V of this step are written into the cache through ``slot_mapping`` before attending, so a
+prefill chunk sees its cached prefix and itself, and a decode sees its whole context. A faster backend must keep
+``paged_attention``'s signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    q_start: int  # index of the chunk's first token in the flattened batch
+    q_len: int  # tokens in this chunk
+    start_pos: int  # tokens of this sequence already in the cache before the chunk
+    block_table: torch.Tensor  # [num_blocks] int64, covers start_pos + q_len tokens
+    bidirectional_len: int = 0  # prefix-LM (GLM v1): keys < this are visible to every query of the prompt
+
+
+@dataclass(frozen=True)
+class AttnMetadata:
+    """Everything attention needs about one step's batch; built by the runner, read-only below it."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of every token
+    num_decode_tokens: int  # the first num_decode_tokens tokens are decodes (one per sequence)
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with 0
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int64: context length including the new token
+    decode_max_context: int  # max of decode_context_lens
+    prefills: tuple[PrefillChunk, ...]
+    block_size: int
+
+
+@dataclass
+class KVCache:
+    """One layer's cache: [num_blocks, block_size, num_kv_heads, head_dim] each for K and V."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        kv_heads, head_dim = self.k.shape[2], self.k.shape[3]
+        self.k.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(self.k.dtype))
+        self.v.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+
+    def gather(self, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of the given blocks as [*, num_blocks * block_size, num_kv_heads, head_dim]."""
+        k = self.k[block_tables]
+        v = self.v[block_tables]
+        shape = (*block_tables.shape[:-1], -1, self.k.shape[2], self.k.shape[3])
+        return k.reshape(shape).to(dtype), v.reshape(shape).to(dtype)
+
+
+def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+    """ALiBi as an additive bias [heads, q, k]: slope * (key_pos - query_pos) (row shifts cancel in softmax)."""
+    k_pos = torch.arange(k_len, device=slopes.device, dtype=torch.float32)
+    rel = k_pos[None, :] - q_pos[:, None].to(torch.float32)  # [q, k]
+    return slopes.to(torch.float32)[:, None, None] * rel[None]
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q [B, T, H, D], k/v [B, L, KVH, D], mask additive float [B or 1, H or 1, T, L] (None: causal, T == L)."""
+    heads, kv_heads = q.shape[2], k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=None if mask is None else mask.to(q.dtype),
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=heads != kv_heads,
+    )
+    return out.transpose(1, 2)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cache: KVCache,
+    meta: AttnMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads]
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    cache.write(k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    neg_inf = torch.finfo(torch.float32).min
+    if nd:
+        kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
+        length = kc.shape[1]
+        key_pos = torch.arange(length, device=q.device)
+        mask = torch.zeros(nd, 1, 1, length, device=q.device, dtype=torch.float32)
+        mask.masked_fill_(key_pos[None, None, None, :] >= meta.decode_context_lens[:, None, None, None], neg_inf)
+        if alibi_slopes is not None:
+            q_pos = (meta.decode_context_lens - 1).to(torch.float32)
+            rel = key_pos[None, :].to(torch.float32) - q_pos[:, None]  # [B, L]
+            mask = mask + alibi_slopes.to(torch.float32)[None, :, None, None] * rel[:, None, None, :]
+        out[:nd] = _sdpa(q[:nd, None], kc, vc, mask, scale)[:, 0]
+    for chunk in meta.prefills:
+        sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
+        total = chunk.start_pos + chunk.q_len
+        if chunk.start_pos == 0:
+            kc, vc = k[sl][None], v[sl][None]
+            if alibi_slopes is None and not chunk.bidirectional_len:
+                out[sl] = _sdpa(q[sl][None], kc, vc, None, scale)[0]  # plain causal: the fused kernel's fast path
+                continue
+        else:
+            kc, vc = cache.gather(chunk.block_table[None], q.dtype)
+            kc, vc = kc[:, :total], vc[:, :total]
+        q_pos = torch.arange(chunk.start_pos, total, device=q.device)
+        key_pos = torch.arange(total, device=q.device)
+        visible = key_pos[None, :] <= q_pos[:, None]
+        if chunk.bidirectional_len:
+            visible = visible | (key_pos[None, :] < chunk.bidirectional_len)
+        mask = torch.zeros(chunk.q_len, total, device=q.device, dtype=torch.float32)
+        mask.masked_fill_(~visible, neg_inf)
+        mask = mask[None, None]
+        if alibi_slopes is not None:
+            mask = mask + alibi_bias(alibi_slopes, q_pos, total)[None]
+        out[sl] = _sdpa(q[sl][None], kc, vc, mask, scale)[0]
+    return out

@@ -1,0 +1,139 @@
+"""ModelRunner: owns the model, the device and the KV-cache tensors; turns a ScheduledBatch into tensors and logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rtp_mm.kernels.attention import AttnMetadata, KVCache, PrefillChunk
+from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from rtp_mm.llm.models.decoder import Decoder
+
+
+def kv_block_bytes(model: Decoder, block_size: int, kv_dtype: torch.dtype) -> int:
+    """Bytes of one KV block over all layers (K and V)."""
+    spec = model.spec
+    itemsize = torch.empty(0, dtype=kv_dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    seq_lens: torch.Tensor  # [tokens] sequence length after this step, per token (dynamic rope)
+    meta: AttnMetadata
+    sample_index: torch.Tensor  # [num_sampled] rows of the hidden states to turn into logits
+    sampled: tuple[ScheduledSeq, ...]  # the sequences those rows belong to, same order
+    mm_rows: tuple[tuple[int, torch.Tensor], ...]  # (first flattened row, embeds) spliced over token embeddings
+
+
+class ModelRunner:
+    """Invariant: ``caches[l]`` holds layer l's K/V as [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+        self.model = model
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if param.is_floating_point() else torch.float32
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        spec = model.spec
+        kv_dtype = kv_dtype or self.dtype
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.caches = [
+            KVCache(
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+            )
+            for _ in range(spec.num_layers)
+        ]
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        seq_lens: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[ScheduledSeq] = []
+        prefills: list[PrefillChunk] = []
+        mm_rows: list[tuple[int, torch.Tensor]] = []
+        for seq in batch.seqs:
+            req = seq.request
+            row0 = len(ids)
+            end = seq.start + seq.num_new_tokens
+            tokens = req.all_token_ids[seq.start : end]
+            ids.extend(tokens)
+            span = range(seq.start, end)
+            positions.extend(span)
+            seq_lens.extend([end] * seq.num_new_tokens)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            if seq.num_new_tokens > 1:
+                prefills.append(
+                    PrefillChunk(
+                        q_start=row0,
+                        q_len=seq.num_new_tokens,
+                        start_pos=seq.start,
+                        block_table=torch.tensor(table, dtype=torch.long, device=self.device),
+                    )
+                )
+            for mm in req.mm_inputs:
+                lo, hi = max(mm.offset, seq.start), min(mm.offset + mm.embeds.shape[0], end)
+                if lo < hi:
+                    mm_rows.append((row0 + lo - seq.start, mm.embeds[lo - mm.offset : hi - mm.offset]))
+            if seq.sample:
+                sample_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        decodes = batch.decodes
+        if decodes:
+            width = max(len(s.block_table) for s in decodes)
+            tables = [list(s.block_table) + [0] * (width - len(s.block_table)) for s in decodes]
+            decode_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+            context = [s.start + 1 for s in decodes]
+            decode_lens = torch.tensor(context, dtype=torch.long, device=self.device)
+        else:
+            decode_tables, decode_lens, context = None, None, [0]
+        meta = AttnMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=decode_tables,
+            decode_context_lens=decode_lens,
+            decode_max_context=max(context),
+            prefills=tuple(prefills),
+            block_size=bs,
+        )
+        dev = self.device
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            meta=meta,
+            sample_index=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sampled=tuple(sampled),
+            mm_rows=tuple(mm_rows),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[ScheduledSeq, ...]]:
+        """Run one step. Returns float32 logits [num_sampled, vocab] and the sequences they belong to."""
+        inputs = self.prepare(batch)
+        embeds = None
+        if inputs.mm_rows:
+            # Placeholder ids inside image spans may be out of vocabulary (llava uses -200): embed a valid id.
+            safe_ids = inputs.input_ids.clamp(0, self.model.spec.vocab_size - 1)
+            embeds = self.model.embed_tokens(safe_ids)
+            for row, rows in inputs.mm_rows:
+                embeds[row : row + rows.shape[0]] = rows.to(embeds.dtype)
+        hidden = self.model(
+            inputs.input_ids,
+            inputs.positions,
+            inputs.meta,
+            self.caches,
+            seq_lens=inputs.seq_lens,
+            inputs_embeds=embeds,
+        )
+        logits = self.model.compute_logits(hidden[inputs.sample_index])
+        return logits, inputs.sampled

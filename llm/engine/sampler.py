@@ -1,0 +1,93 @@
+"""Sampler: logits -> next tokens (and optional top-N logprobs), per request.
+
+Order per row: logprobs are taken from the raw distribution (before any processing, as documented for
+``GenerateConfig.logprobs``); then repetition / presence / frequency penalties; EOS masked until
+``min_new_tokens``; then greedy (top_k == 1 or temperature == 0) or temperature -> top-k -> top-p -> a draw from the
+request's own ``torch.Generator``, so a seeded request samples the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rtp_mm.llm.engine.request import Request
+
+
+def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
+    """logits [vocab] (modified copy). HF-style repetition penalty over prompt + output; OpenAI-style
+    presence/frequency penalties over the output only."""
+    cfg = req.config
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long, device=logits.device)
+        picked = logits[seen]
+        picked = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+        logits = logits.clone()
+        logits[seen] = picked
+    if (cfg.presence_penalty or cfg.frequency_penalty) and req.output_ids:
+        counts = torch.bincount(
+            torch.tensor(req.output_ids, dtype=torch.long, device=logits.device), minlength=logits.shape[0]
+        )[: logits.shape[0]].to(logits.dtype)
+        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [vocab] with everything outside top-k and the top-p nucleus set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [n, vocab] float32, one row per request -> (token per row, logprobs dict per row or None)."""
+    tokens: list[int] = []
+    logprobs: list[dict[int, float] | None] = []
+    want_logprobs = any(r.config.logprobs is not None for r in requests)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    plain = all(_is_plain_greedy(r) for r in requests)
+    if plain:
+        tokens = logits.argmax(dim=-1).tolist()
+    for i, req in enumerate(requests):
+        if not plain:
+            tokens.append(_sample_row(logits[i], req))
+        if req.config.logprobs is not None:
+            row = raw_logprobs[i]
+            top = torch.topk(row, req.config.logprobs) if req.config.logprobs else None
+            entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            entry[tokens[i]] = float(row[tokens[i]])
+            logprobs.append(entry)
+        else:
+            logprobs.append(None)
+    return tokens, logprobs
+
+
+def _is_plain_greedy(req: Request) -> bool:
+    cfg = req.config
+    return (
+        cfg.is_greedy()
+        and cfg.repetition_penalty == 1.0
+        and not cfg.presence_penalty
+        and not cfg.frequency_penalty
+        and len(req.output_ids) >= cfg.min_new_tokens
+    )
+
+
+def _sample_row(row: torch.Tensor, req: Request) -> int:
+    cfg = req.config
+    row = apply_penalties(row, req)
+    if len(req.output_ids) < cfg.min_new_tokens and req.eos_token_ids:
+        row = row.clone()
+        row[list(req.eos_token_ids)] = float("-inf")
+    if cfg.is_greedy():
+        return int(row.argmax())
+    row = filter_top_k_top_p(row / cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = row.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=req.generator))

@@ -1,0 +1,236 @@
+"""The one configurable decoder. Every text family is a ``DecoderSpec`` plus a weight-name table.
+
+The model works on a flattened batch: ``input_ids``/``positions`` are [num_tokens] over all sequences of the step and
+attention finds each sequence's context through ``AttnMetadata``. Internal parameter names (``layers.{i}.attn.qkv``,
+``layers.{i}.mlp.gate_up`` ...) are what the family weight tables map checkpoint names onto.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rtp_mm.kernels.attention import AttnMetadata, KVCache, paged_attention
+from rtp_mm.llm.models.rope import RopeSpec, RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Architecture of one checkpoint. A family difference that is a constant, flag or shape lives here."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm: str = "rms"  # rms | layer
+    norm_eps: float = 1e-6
+    norm_bias: bool = False  # LayerNorm with bias
+    activation: str = "silu"  # silu | gelu | gelu_tanh | relu
+    gated_mlp: bool = True  # act(gate(x)) * up(x) -> down
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    position: str = "rope"  # rope | alibi | learned | none
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    max_position_embeddings: int = 2048  # table size for learned positions
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)
+    shared_input_norm: bool = False  # parallel block with one norm for attention and MLP
+    embedding_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden)
+    embedding_norm: bool = False  # BLOOM's LayerNorm right after the embedding
+    tie_word_embeddings: bool = False
+    lm_head_bias: bool = False
+    attn_scale: float | None = None  # None = 1/sqrt(head_dim)
+    logn_max_position: int = 0  # Qwen v1 logn attention: > 0 scales queries beyond this length
+    default_max_seq_len: int = 2048  # used when MAX_SEQ_LEN is 0
+    extra: dict = field(default_factory=dict, compare=False)  # family-specific facts (e.g. EOS ids)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def make_norm(spec: DecoderSpec) -> nn.Module:
+    if spec.norm == "rms":
+        return RMSNorm(spec.hidden_size, spec.norm_eps)
+    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementations, then scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The standard ALiBi slopes (non-power-of-two head counts interleave the next power's slopes)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base ** (i + 1) for i in range(0, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None):
+        super().__init__()
+        self.spec = spec
+        self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
+        self.o = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.rotary = rotary
+        self.scale = spec.attn_scale if spec.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+        spec = self.spec
+        q, k, v = self.qkv(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = q.view(-1, spec.num_heads, spec.head_dim)
+        k = k.view(-1, spec.num_kv_heads, spec.head_dim)
+        v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        if self.rotary is not None:
+            q = self.rotary.apply(q, ctx.cos, ctx.sin)
+            k = self.rotary.apply(k, ctx.cos, ctx.sin)
+        if ctx.logn is not None:
+            q = q * ctx.logn[:, None, None].to(q.dtype)
+        out = paged_attention(q, k, v, cache, ctx.meta, self.scale, ctx.alibi_slopes)
+        return self.o(out.reshape(-1, spec.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        self.gated = spec.gated_mlp
+        self.inter = spec.intermediate_size
+        if spec.gated_mlp:
+            self.gate_up = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
+        else:
+            self.up = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
+        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = _ACTIVATIONS[spec.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.gate_up(x).split(self.inter, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
+
+
+@dataclass
+class StepContext:
+    """Per-step tensors shared by all layers (computed once per forward)."""
+
+    meta: AttnMetadata
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    logn: torch.Tensor | None = None  # [tokens] query scale (Qwen v1)
+    alibi_slopes: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None):
+        super().__init__()
+        self.spec = spec
+        self.input_norm = make_norm(spec)
+        self.attn = Attention(spec, rotary)
+        if not spec.shared_input_norm:
+            self.post_norm = make_norm(spec)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
+        h = self.input_norm(x)
+        attn_out = self.attn(h, ctx, cache)
+        if self.spec.parallel_residual:
+            mlp_in = h if self.spec.shared_input_norm else self.post_norm(x)
+            return x + attn_out + self.mlp(mlp_in)
+        x = x + attn_out
+        return x + self.mlp(self.post_norm(x))
+
+
+class Decoder(nn.Module):
+    """Embedding -> N decoder layers -> final norm -> LM head, over a flattened batch."""
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        if spec.position == "learned":
+            self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
+        if spec.embedding_norm:
+            self.embed_norm = make_norm(spec)
+        self.rotary = RotaryEmbedding(spec.rope, spec.head_dim) if spec.position == "rope" else None
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary) for _ in range(spec.num_layers))
+        self.norm = make_norm(spec)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+        # Plain attribute (the model is built on the meta device; these slopes must stay real).
+        self.alibi = alibi_slopes(spec.num_heads) if spec.position == "alibi" else None
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        if self.spec.embedding_scale != 1.0:
+            # Gemma: the scale is rounded to the model dtype first, as the reference does.
+            h = h * torch.tensor(self.spec.embedding_scale, dtype=h.dtype)
+        return h
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [tokens]
+        positions: torch.Tensor,  # [tokens]
+        meta: AttnMetadata,
+        caches: list[KVCache],
+        seq_lens: torch.Tensor | None = None,  # [tokens] each token's sequence length after this step
+        inputs_embeds: torch.Tensor | None = None,  # [tokens, hidden] replaces the embedding lookup
+    ) -> torch.Tensor:  # [tokens, hidden] after the final norm
+        spec = self.spec
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if spec.position == "learned":
+            h = h + self.pos_embed(positions)
+        if spec.embedding_norm:
+            h = self.embed_norm(h)
+        ctx = StepContext(meta=meta)
+        if self.rotary is not None:
+            ctx.cos, ctx.sin = self.rotary.cos_sin(positions, seq_lens)
+        if self.alibi is not None:
+            if self.alibi.device != h.device:
+                self.alibi = self.alibi.to(h.device)
+            ctx.alibi_slopes = self.alibi
+        if spec.logn_max_position and seq_lens is not None:
+            # Qwen v1: queries at position p >= seq_length are scaled by log_{seq_length}(p + 1).
+            pos1 = (positions + 1).to(torch.float32)
+            ctx.logn = torch.where(
+                pos1 > spec.logn_max_position, torch.log(pos1) / math.log(spec.logn_max_position), 1.0
+            )
+        for layer, cache in zip(self.layers, caches, strict=True):
+            h = layer(h, ctx, cache)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
+        weight = self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+        bias = None if self.spec.tie_word_embeddings else self.lm_head.bias
+        return F.linear(hidden, weight, bias).float()

@@ -1,0 +1,283 @@
+"""The offline Python API: ``LLM``.
+
+    llm = LLM(ModelConfig(model_type="llama", ckpt_path=P), kv_cache_mem_mb=256, device="cpu")
+    outs = llm.generate(["Hello"], generate_config=GenerateConfig(max_new_tokens=16, top_k=1))
+    outs = llm.chat([{"role": "user", "content": "Hi"}])
+    async for out in llm.generate_stream("Hello"): ...
+    llm.shutdown()
+
+Prompts are a ``str``, a list of ``str`` or a list of token-id lists (used as given: no template, no BOS added).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
+from rtp_mm.errors import ConfigError, InvalidRequest, NotImplementedYetError
+from rtp_mm.llm.engine.block_manager import BlockManager
+from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
+from rtp_mm.llm.engine.generate_config import GenerateConfig
+from rtp_mm.llm.engine.loop import EngineLoop
+from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
+from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.engine.scheduler import Scheduler
+from rtp_mm.llm.models.load import LoadedModel, load_model
+from rtp_mm.model_types import check_model_type_matches, detect_model_type, read_config_json, resolve_model_type
+
+logger = logging.getLogger(__name__)
+
+# Without KV_CACHE_MEM_MB, a CPU engine takes this fraction of the available RAM for KV blocks, capped.
+CPU_KV_FRACTION = 0.25
+CPU_KV_CAP_MB = 2048
+
+_DTYPES = {WeightType.FP16: torch.float16, WeightType.BF16: torch.bfloat16, WeightType.FP32: torch.float32}
+
+
+def resolve_compute_dtype(model_config: ModelConfig, device: str) -> torch.dtype:
+    """The dtype weights and activations are computed in.
+
+    An explicit ``act_type`` wins. Otherwise CUDA uses the weight type (INT8 weights compute in fp16); on CPU a
+    FP16/BF16 request is served in fp32, which this class of CPU computes fastest for batched work (see
+    BENCHMARKS.md), unless ``act_type`` says otherwise.
+    """
+    if model_config.act_type is not None:
+        return _DTYPES[model_config.act_type]
+    if device == "cpu":
+        return torch.float32
+    return _DTYPES.get(model_config.weight_type, torch.float16)
+
+
+def _resolve_paths(model_config: ModelConfig) -> ModelConfig:
+    """Fill in the built-in default model and a detected MODEL_TYPE; check MODEL_TYPE against the checkpoint."""
+    if not model_config.ckpt_path:
+        from rtp_mm.default_model import DEFAULT_MODEL_TYPE, default_model_path
+
+        path = str(default_model_path())
+        model_type = model_config.model_type or DEFAULT_MODEL_TYPE
+        return dataclasses.replace(
+            model_config, ckpt_path=path, tokenizer_path=model_config.tokenizer_path or path, model_type=model_type
+        )
+    config = read_config_json(model_config.ckpt_path)
+    model_type = model_config.model_type
+    if not model_type:
+        detected = detect_model_type(config) if config else None
+        if detected is None:
+            raise ConfigError(
+                f"MODEL_TYPE is not set and CHECKPOINT_PATH={model_config.ckpt_path!r} does not say its architecture; "
+                "set MODEL_TYPE"
+            )
+        model_type = detected
+    elif config:
+        check_model_type_matches(model_type, config, model_config.ckpt_path)
+    return dataclasses.replace(model_config, model_type=model_type)
+
+
+class LLM:
+    """One model served by one engine thread. Thread-safe: generate() may be called from several threads."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig | None = None,
+        skip_tokenizer_init: bool = False,
+        **engine_overrides: Any,
+    ):
+        engine_config = dataclasses.replace(engine_config or EngineConfig(), **engine_overrides)
+        model_config = _resolve_paths(model_config)
+        info = resolve_model_type(model_config.model_type)
+        if model_config.weight_type is WeightType.INT8:
+            raise NotImplementedYetError("WEIGHT_TYPE=INT8 (weight-only int8) is not implemented yet")
+        if info.vision:
+            logger.warning("%s: serving the text part only; the vision encoder is not implemented yet", info.name)
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.model_type = info
+        self.device = engine_config.device
+        self.dtype = resolve_compute_dtype(model_config, self.device)
+        self.loaded: LoadedModel = load_model(
+            info.family, info.name, model_config.ckpt_path, self.dtype, self.device
+        )
+        spec = self.loaded.model.spec
+        self.max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            from rtp_mm.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(model_config.tokenizer_path)
+        eos = self.loaded.eos_token_ids()
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = frozenset({self.tokenizer.eos_token_id})
+        block_size = model_config.seq_size_per_block
+        num_blocks = self._num_kv_blocks(block_size)
+        runner = ModelRunner(self.loaded.model, num_blocks, block_size)
+        bm = BlockManager(num_blocks, block_size, enable_prefix_caching=engine_config.reuse_cache)
+        scheduler = Scheduler(bm, engine_config.concurrency_limit, max(engine_config.max_num_batched_tokens, 1))
+        self.engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
+        self._loop = EngineLoop(self.engine)
+        logger.info(
+            "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, dtype %s",
+            info.name, num_blocks, block_size, num_blocks * block_size, self.max_seq_len, self.dtype,
+        )
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> LLM:
+        settings = Settings.from_env(env)
+        return cls(settings.model, settings.engine, **overrides)
+
+    def _num_kv_blocks(self, block_size: int) -> int:
+        per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype)
+        mem_mb = self.engine_config.kv_cache_mem_mb
+        if mem_mb > 0:
+            budget = mem_mb * 2**20
+            source = f"KV_CACHE_MEM_MB={mem_mb}"
+        else:
+            budget = _auto_kv_bytes(self.device)
+            source = "automatic KV sizing"
+        num_blocks = budget // per_block
+        needed = -(-self.max_seq_len // block_size)
+        if num_blocks < needed:
+            need_mb = -(-needed * per_block // 2**20)
+            raise ConfigError(
+                f"{source} gives {num_blocks} KV blocks but one sequence of MAX_SEQ_LEN={self.max_seq_len} needs "
+                f"{needed} ({need_mb} MiB); set KV_CACHE_MEM_MB >= {need_mb} or lower MAX_SEQ_LEN"
+            )
+        return int(num_blocks)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("text prompts need a tokenizer (this LLM was built with skip_tokenizer_init=True)")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidRequest(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _normalise_prompts(self, prompts: Any) -> list[str | list[int]]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        if isinstance(prompts, Sequence):
+            return list(prompts)
+        raise InvalidRequest(f"prompts must be a string, a list of strings or token-id lists, got {type(prompts)}")
+
+    def make_request(self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None) -> Request:
+        config = generate_config or GenerateConfig()
+        return self.engine.make_request(self._prompt_ids(prompt), config, request_id=self.engine.new_request_id())
+
+    def generate(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], generate_config: GenerateConfig | None = None
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion (batched by the engine); outputs in prompt order."""
+        requests = [self.make_request(p, generate_config) for p in self._normalise_prompts(prompts)]
+        return self._run_to_completion(requests)
+
+    def _run_to_completion(self, requests: list[Request]) -> list[RequestOutput]:
+        results: dict[int, RequestOutput] = {}
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                with lock:
+                    results[out.request_id] = out
+                    if len(results) == len(requests):
+                        done.set()
+
+        for req in requests:
+            self._loop.submit(req, sink)
+        if requests:
+            done.wait()
+        outs = [results[r.request_id] for r in requests]
+        for out in outs:
+            if out.error is not None:
+                raise out.error
+        return outs
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; use generate() with a raw prompt")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def chat(
+        self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], generate_config: GenerateConfig | None = None
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; the model's chat template is applied."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        return self.generate([self.chat_ids(c) for c in conversations], generate_config)
+
+    async def generate_stream(
+        self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Incremental outputs of one prompt; leaving the iterator early cancels the request."""
+        req = self.make_request(prompt, generate_config)
+        async for out in self.stream_request(req):
+            yield out
+
+    async def stream_request(self, req: Request) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._loop.submit(req, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                if out.error is not None:
+                    finished = True
+                    raise out.error
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._loop.abort(req.request_id)
+
+    def abort(self, request_id: int) -> None:
+        self._loop.abort(request_id)
+
+    def stats(self) -> dict[str, Any]:
+        return self._loop.call(lambda engine: engine.stats())
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+
+def _auto_kv_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.9)
+    available = _available_ram_bytes()
+    return int(min(available * CPU_KV_FRACTION, CPU_KV_CAP_MB * 2**20))
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30

@@ -1,0 +1,44 @@
+"""The ``rtp-mm`` console script: ``serve`` (the env-configured server), ``bench``, and later ``build-vit``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rtp_mm.errors import RtpMmError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rtp_mm.start_server import main as serve_main
+
+    return serve_main()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rtp_mm.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtp-mm", description="rtp-mm: a multimodal-first LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the HTTP server (configured by environment variables, see README)")
+    serve.set_defaults(func=_serve)
+    bench = sub.add_parser("bench", help="benchmark rtp-mm against HF transformers (see `rtp-mm bench --help`)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RtpMmError as e:
+        print(f"rtp-mm: error: {e.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

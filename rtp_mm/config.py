@@ -1,0 +1,348 @@
+"""Configuration: the only module that reads environment variables (and never at import time).
+
+``Settings.from_env()`` parses every variable of the seed's Config.md plus rtp-mm's own server settings into three
+frozen dataclasses: ``ModelConfig`` (the seed's ModelConfig, also taken directly by the offline API), ``EngineConfig``
+(memory and batching knobs) and ``ServerConfig`` (HTTP). A bad value raises ``ConfigError`` naming the variable, the
+value and what is accepted, so a misconfigured server stops at start-up instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from rtp_mm.errors import ConfigError
+from rtp_mm.model_types import resolve_model_type
+
+DEFAULT_START_PORT = 8088
+DEFAULT_CONCURRENCY_LIMIT = 32
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class WeightType(str, Enum):
+    """Weight storage / activation dtypes of RTP-LLM's WEIGHT_TYPE, with its case-insensitive aliases."""
+
+    FP16 = "FP16"
+    BF16 = "BF16"
+    FP32 = "FP32"
+    INT8 = "INT8"
+
+    @classmethod
+    def parse(cls, value: str | WeightType, variable: str = "WEIGHT_TYPE") -> WeightType:
+        if isinstance(value, WeightType):
+            return value
+        key = str(value).strip().lower()
+        found = _WEIGHT_TYPE_ALIASES.get(key)
+        if found is None:
+            accepted = "FP16 (float16), BF16 (bfloat16), FP32 (float32), INT8 (case-insensitive)"
+            raise ConfigError(f"{variable}={value!r} is not a supported weight type; accepted: {accepted}")
+        return found
+
+    @property
+    def is_float(self) -> bool:
+        return self is not WeightType.INT8
+
+
+_WEIGHT_TYPE_ALIASES = {
+    "fp16": WeightType.FP16,
+    "float16": WeightType.FP16,
+    "half": WeightType.FP16,
+    "bf16": WeightType.BF16,
+    "bfloat16": WeightType.BF16,
+    "bp16": WeightType.BF16,  # RTP-LLM accepts this typo
+    "fp32": WeightType.FP32,
+    "float32": WeightType.FP32,
+    "float": WeightType.FP32,
+    "int8": WeightType.INT8,
+}
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def check_local_path(path: str, variable: str, must_be_dir: bool = False) -> None:
+    """Paths of the seed must be local; say which variable points where when they are not."""
+    accepted = "an existing local directory" if must_be_dir else "an existing local file or directory"
+    if not isinstance(path, str):
+        raise ConfigError(f"{variable}={path!r} is not a path string; accepted: {accepted}")
+    if _is_remote(path):
+        raise ConfigError(
+            f"{variable}={path!r} must be a local path (remote URIs are not fetched by rtp-mm); accepted: {accepted}"
+        )
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{variable}={path!r} does not exist; accepted: {accepted}")
+    if must_be_dir and not p.is_dir():
+        raise ConfigError(f"{variable}={path!r} is not a directory; accepted: {accepted}")
+
+
+def _path_str(value: Any) -> Any:
+    """Let the offline API pass ``pathlib.Path`` objects; anything else is left for ``check_local_path`` to judge."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The seed's ModelConfig. Immutable; validated on construction.
+
+    Invariants: ``model_type`` is '' (detect from the checkpoint) or a registered MODEL_TYPE name; paths are local and
+    exist when set; ``tokenizer_path`` falls back to ``ckpt_path``; ``act_type`` None means "derived from weight_type
+    and the device" (see ``resolve_act_type``).
+    """
+
+    model_type: str = ""
+    ckpt_path: str = ""
+    tokenizer_path: str = ""
+    weight_type: WeightType = WeightType.FP16
+    act_type: WeightType | None = None
+    max_seq_len: int = 0  # input + output tokens; 0 = the model's default
+    seq_size_per_block: int = 8  # tokens per KV-cache block
+    gen_num_per_circle: int = 1  # tokens a step may accept (>1 only with speculative decoding)
+    ptuning_path: str | None = None
+    lora_infos: Mapping[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ckpt_path", "tokenizer_path", "ptuning_path"):
+            object.__setattr__(self, name, _path_str(getattr(self, name)))
+        if self.model_type:
+            resolve_model_type(self.model_type, variable="model_type")
+        object.__setattr__(self, "weight_type", WeightType.parse(self.weight_type, "weight_type"))
+        if self.act_type is not None:
+            act = WeightType.parse(self.act_type, "act_type")
+            if not act.is_float:
+                raise ConfigError(f"act_type={act.value!r} must be a float type: FP16, BF16 or FP32")
+            object.__setattr__(self, "act_type", act)
+        if self.ckpt_path:
+            check_local_path(self.ckpt_path, "ckpt_path")
+        if not self.tokenizer_path and self.ckpt_path:
+            object.__setattr__(self, "tokenizer_path", self.ckpt_path)
+        elif self.tokenizer_path:
+            check_local_path(self.tokenizer_path, "tokenizer_path")
+        _check_int(self.max_seq_len, "max_seq_len", minimum=0)
+        _check_int(self.seq_size_per_block, "seq_size_per_block", minimum=1)
+        _check_int(self.gen_num_per_circle, "gen_num_per_circle", minimum=1)
+        if self.ptuning_path:
+            check_local_path(self.ptuning_path, "ptuning_path")
+        if self.lora_infos is not None:
+            if isinstance(self.lora_infos, Mapping):
+                object.__setattr__(self, "lora_infos", {k: _path_str(v) for k, v in self.lora_infos.items()})
+            if not isinstance(self.lora_infos, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.lora_infos.items()
+            ):
+                raise ConfigError(f"lora_infos={self.lora_infos!r} must map adapter names to local paths")
+            for name, path in self.lora_infos.items():
+                check_local_path(path, f"lora_infos[{name!r}]")
+            object.__setattr__(self, "lora_infos", MappingProxyType(dict(self.lora_infos)))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ModelConfig:
+        return Settings.from_env(env).model
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_bool(value: Any, name: str) -> None:
+    # A string such as "0" would be truthy: flags built in code must be real booleans.
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be a bool; accepted: True or False")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs of the seed (memory, batching, loading). Invariants: positive limits; -1 means automatic."""
+
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT  # in-flight requests (HTTP 409 beyond) = max batch size
+    int8_kv_cache: bool = False  # KV stored as int8 + a float scale per (token, kv-head)
+    kv_cache_mem_mb: int = -1  # > 0: exactly this much for KV blocks; otherwise sized from free memory
+    pre_allocate_op_mem: bool = True  # warm-up forward at the largest budget before sizing the KV cache
+    tp_split_emb_and_lmhead: bool = True  # vocab-shard embedding/lm_head under TP (no effect at TP size 1)
+    reuse_cache: bool = False  # prefix caching of full KV blocks
+    extra_data_path: str = ""  # e.g. llava's CLIP tower folder
+    vit_trt: bool = False  # vision encoders run as TensorRT engines
+    ft_disable_custom_ar: bool = False  # no custom all-reduce under TP (no effect at TP size 1)
+    load_ckpt_num_process: int = 1  # checkpoint loader processes; 0 = automatic
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check_int(self.concurrency_limit, "CONCURRENCY_LIMIT", minimum=1)
+        _check_int(self.load_ckpt_num_process, "LOAD_CKPT_NUM_PROCESS", minimum=0)
+        _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=1)
+        if isinstance(self.kv_cache_mem_mb, bool) or not isinstance(self.kv_cache_mem_mb, int):
+            raise ConfigError(f"KV_CACHE_MEM_MB={self.kv_cache_mem_mb!r} must be an integer")
+        flags = ("int8_kv_cache", "pre_allocate_op_mem", "tp_split_emb_and_lmhead", "reuse_cache", "vit_trt")
+        for name in (*flags, "ft_disable_custom_ar"):
+            _check_bool(getattr(self, name), name.upper())
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server settings (rtp-mm's own, documented in the README)."""
+
+    start_port: int = DEFAULT_START_PORT
+    host: str = "0.0.0.0"
+    api_key: str | None = None
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        port = self.start_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"START_PORT={self.start_port!r} must be a port number between 0 and 65535")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return _EnvParser(os.environ if env is None else env).settings()
+
+
+class _EnvParser:
+    """Reads one environment mapping; every accessor names its variable in errors."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def integer(self, name: str, default: int, minimum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise ConfigError(f"{name}={value!r} is not an integer; accepted: an integer{bound}") from None
+        if minimum is not None and number < minimum:
+            raise ConfigError(f"{name}={value!r} is out of range; accepted: an integer >= {minimum}")
+        return number
+
+    def flag(self, name: str, default: bool) -> bool:
+        """RTP-LLM's ``bool(int(v))`` flags, also taking true/false/yes/no/on/off."""
+        value = self.raw(name)
+        if value is None:
+            return default
+        key = value.lower()
+        if key in ("1", "true", "yes", "on"):
+            return True
+        if key in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a flag; accepted: 1/0, true/false, yes/no, on/off")
+
+    def path(self, name: str, must_be_dir: bool = False) -> str:
+        value = self.raw(name)
+        if value is None:
+            return ""
+        check_local_path(value, name, must_be_dir=must_be_dir)
+        return value
+
+    def log_level(self) -> str:
+        value = self.raw("LOG_LEVEL")
+        if value is None:
+            return "WARNING"
+        if value.upper() not in LOG_LEVELS:
+            raise ConfigError(f"LOG_LEVEL={value!r} is not a log level; accepted: {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    def lora_infos(self) -> dict[str, str] | None:
+        value = self.raw("LORA_INFO")
+        if value is None:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"LORA_INFO={value!r} is not JSON ({e}); accepted: a JSON object name -> path") from e
+        if not isinstance(parsed, dict) or not all(isinstance(v, str) for v in parsed.values()):
+            raise ConfigError(f"LORA_INFO={value!r} must be a JSON object mapping adapter names to paths")
+        for name, p in parsed.items():
+            check_local_path(p, f"LORA_INFO[{name!r}]")
+        return parsed or None
+
+    def model(self) -> ModelConfig:
+        model_type = self.raw("MODEL_TYPE") or ""
+        if model_type:
+            resolve_model_type(model_type)
+        ckpt_path = self.path("CHECKPOINT_PATH")
+        tokenizer_path = self.path("TOKENIZER_PATH") or ckpt_path
+        weight_raw = self.raw("WEIGHT_TYPE")
+        if weight_raw is None and self.flag("INT8_MODE", False):
+            weight_raw = "INT8"  # RTP-LLM's legacy spelling
+        weight_type = WeightType.parse(weight_raw or "FP16", "WEIGHT_TYPE")
+        act_raw = self.raw("ACT_TYPE")
+        act_type = WeightType.parse(act_raw, "ACT_TYPE") if act_raw else None
+        if act_type is not None and not act_type.is_float:
+            raise ConfigError(f"ACT_TYPE={act_raw!r} must be a float type; accepted: FP16, BF16, FP32")
+        return ModelConfig(
+            model_type=model_type,
+            ckpt_path=ckpt_path,
+            tokenizer_path=tokenizer_path,
+            weight_type=weight_type,
+            act_type=act_type,
+            max_seq_len=self.integer("MAX_SEQ_LEN", 0, minimum=0),
+            seq_size_per_block=self.integer("SEQ_SIZE_PER_BLOCK", 8, minimum=1),
+            gen_num_per_circle=self.integer("GEN_NUM_PER_CIRCLE", 1, minimum=1),
+            ptuning_path=self.path("PTUNING_PATH", must_be_dir=True) or None,
+            lora_infos=self.lora_infos(),
+        )
+
+    def engine(self) -> EngineConfig:
+        device = self.raw("DEVICE") or "cpu"
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ConfigError(f"DEVICE={device!r} is not a device; accepted: cpu, cuda, cuda:N")
+        return EngineConfig(
+            concurrency_limit=self.integer("CONCURRENCY_LIMIT", DEFAULT_CONCURRENCY_LIMIT, minimum=1),
+            int8_kv_cache=self.flag("INT8_KV_CACHE", False),
+            kv_cache_mem_mb=self.integer("KV_CACHE_MEM_MB", -1),
+            pre_allocate_op_mem=self.flag("PRE_ALLOCATE_OP_MEM", True),
+            tp_split_emb_and_lmhead=self.flag("TP_SPLIT_EMB_AND_LMHEAD", True),
+            reuse_cache=self.flag("REUSE_CACHE", False),
+            extra_data_path=self.path("EXTRA_DATA_PATH"),
+            vit_trt=self.flag("VIT_TRT", False),
+            ft_disable_custom_ar=self.flag("FT_DISABLE_CUSTOM_AR", False),
+            load_ckpt_num_process=self.integer("LOAD_CKPT_NUM_PROCESS", 1, minimum=0),
+            max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 2048, minimum=1),
+            device=device,
+        )
+
+    def server(self) -> ServerConfig:
+        return ServerConfig(
+            start_port=self.integer("START_PORT", DEFAULT_START_PORT, minimum=0),
+            host=self.raw("HOST") or "0.0.0.0",
+            api_key=self.raw("API_KEY"),
+            log_level=self.log_level(),
+        )
+
+    def settings(self) -> Settings:
+        # Order matters for the error a user sees first: the model identity, then the rest.
+        return Settings(model=self.model(), engine=self.engine(), server=self.server())
+
+
+def configure_logging(level: str) -> None:
+    """Apply LOG_LEVEL (TRACE maps to DEBUG: Python has no TRACE level)."""
+    name = str(level).strip().upper()
+    if name not in LOG_LEVELS:
+        # getattr(logging, "warning") would be the logging.warning function, not a level.
+        raise ConfigError(f"LOG_LEVEL={level!r} is not a log level; accepted: {', '.join(LOG_LEVELS)}")
+    numeric = logging.DEBUG if name == "TRACE" else getattr(logging, name)
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(numeric)

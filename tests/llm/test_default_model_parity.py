@@ -1,0 +1,41 @@
+"""The real built-in default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against HF transformers on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oracle import hf_greedy
+from rtp_mm import GenerateConfig
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "List three prime numbers and explain why they are prime."},
+    ],
+]
+
+
+@pytest.mark.slow
+def test_greedy_chat_matches_hf(default_llm, default_hf_model):
+    prompts = [default_llm.chat_ids(chat) for chat in CHATS]
+    outs = default_llm.generate(prompts, GenerateConfig(max_new_tokens=64, top_k=1, ignore_eos=True))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == hf_greedy(default_hf_model, prompt, 64)
+
+
+def test_chat_template_and_eos(default_llm):
+    out = default_llm.chat(CHATS[0], GenerateConfig(max_new_tokens=64, top_k=1))[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # ended by the checkpoint's EOS, not the length limit
+    assert out.aux_info["output_len"] == len(out.token_ids)
+    assert out.text == default_llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_weights_are_dequantized_like_hf(default_llm, default_hf_model):
+    ours = default_llm.loaded.model.layers[0].attn.qkv.weight
+    hf = default_hf_model.model.layers[0].self_attn
+    expected = torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

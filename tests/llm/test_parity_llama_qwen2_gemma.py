@@ -1,0 +1,110 @@
+"""Parity of the engine against HF transformers for tiny random llama / qwen_2 / gemma checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from oracle import check_parity, random_prompts, save_hf, tiny_llm
+
+LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
+
+ROPE_CASES = {
+    "none": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+
+
+def _llama(tmp_path, tie: bool, kv_heads: int, rope: dict | None, max_pos: int = 256):
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=tie,
+        rope_scaling=rope,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    return model, save_hf(model, tmp_path / "llama")
+
+
+@pytest.mark.parametrize("tie,kv_heads", [(False, 2), (True, 4), (False, 1)])
+def test_llama_single_and_concurrent(tmp_path, tie, kv_heads):
+    model, path = _llama(tmp_path, tie, kv_heads, None)
+    with tiny_llm(path, "llama") as llm:
+        prompts = random_prompts(320, LENGTHS)
+        check_parity(llm, model, prompts[:1])  # one request alone
+        check_parity(llm, model, prompts)  # eight different prompts batched together
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_llama_rope_scaling(tmp_path, kind):
+    # A small max_position_embeddings so the dynamic scaling really kicks in during generation.
+    model, path = _llama(tmp_path, False, 2, ROPE_CASES[kind], max_pos=32)
+    with tiny_llm(path, "llama") as llm:
+        prompts = random_prompts(320, [12, 30, 7, 25])
+        check_parity(llm, model, prompts[:1])
+        check_parity(llm, model, prompts)
+
+
+def test_qwen2(tmp_path):
+    torch.manual_seed(2)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    # random init leaves biases at zero: make them matter
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    path = save_hf(model, tmp_path / "qwen2")
+    with tiny_llm(path, "qwen_2") as llm:
+        prompts = random_prompts(300, LENGTHS, seed=3)
+        check_parity(llm, model, prompts[:1])
+        check_parity(llm, model, prompts)
+
+
+def test_gemma(tmp_path):
+    torch.manual_seed(3)
+    cfg = GemmaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=512,
+    )
+    model = GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-zero norm weights so the (1 + w) convention is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    path = save_hf(model, tmp_path / "gemma")
+    with tiny_llm(path, "gemma") as llm:
+        prompts = random_prompts(300, LENGTHS, seed=4)
+        check_parity(llm, model, prompts[:1])
+        check_parity(llm, model, prompts)

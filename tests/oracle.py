@@ -1,0 +1,77 @@
+"""Independent oracles for parity tests: HF transformers reference models (tiny random configs built here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rtp_mm import LLM, GenerateConfig, ModelConfig
+
+
+def save_hf(model: torch.nn.Module, path: Path) -> Path:
+    model.save_pretrained(str(path))
+    return path
+
+
+def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+@torch.no_grad()
+def hf_step_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """log_softmax of the logits that produced each generated token: [len(generated), vocab].
+
+    Computed token by token with HF's own KV cache (as generate does), so length-dependent rope scalings see the
+    same sequence lengths as during generation.
+    """
+    ids = torch.tensor([prompt])
+    out = model(ids, use_cache=True)
+    rows = [out.logits[0, -1]]
+    past = out.past_key_values
+    for tok in generated[:-1]:
+        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        rows.append(out.logits[0, -1])
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+def tiny_llm(path: Path, model_type: str, **kw) -> LLM:
+    return LLM(
+        ModelConfig(model_type=model_type, ckpt_path=str(path)),
+        kv_cache_mem_mb=kw.pop("kv_cache_mem_mb", 16),
+        skip_tokenizer_init=True,
+        **kw,
+    )
+
+
+def check_parity(
+    llm: LLM, model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int = 32, atol: float = 1e-3
+) -> None:
+    """rtp-mm greedy tokens == HF greedy tokens; top-5 logprobs within ``atol`` of HF's."""
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, top_k=1, logprobs=5, ignore_eos=True)
+    outs = llm.generate(prompts, cfg)
+    for prompt, out in zip(prompts, outs, strict=True):
+        expected = hf_greedy(model, prompt, max_new_tokens)
+        assert out.token_ids == expected, f"prompt {prompt[:6]}...: {out.token_ids} != {expected}"
+        assert out.finish_reason == "length"
+        ref = hf_step_logprobs(model, prompt, expected)
+        for step, entry in enumerate(out.logprobs):
+            assert len(entry) >= 5
+            for token, lp in entry.items():
+                assert abs(lp - float(ref[step, token])) < atol, (step, token, lp, float(ref[step, token]))
