@@ -21,6 +21,7 @@ class PrefillChunk:
     start_pos: int  # tokens of this sequence already in the cache before the chunk
     block_table: torch.Tensor  # [num_blocks] int64, covers start_pos + q_len tokens
     bidirectional_len: int = 0  # prefix-LM (GLM v1): keys < this are visible to every query of the prompt
+    mask: torch.Tensor | None = None  # [1, 1, q_len, start_pos + q_len] additive; None = plain causal from 0
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class AttnMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with 0
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64: context length including the new token
     decode_max_context: int  # max of decode_context_lens
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive (0 / -inf), per step
     prefills: tuple[PrefillChunk, ...]
     block_size: int
 
@@ -50,10 +52,33 @@ class KVCache:
 
     def gather(self, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of the given blocks as [*, num_blocks * block_size, num_kv_heads, head_dim]."""
-        k = self.k[block_tables]
-        v = self.v[block_tables]
+        flat = block_tables.reshape(-1)
         shape = (*block_tables.shape[:-1], -1, self.k.shape[2], self.k.shape[3])
-        return k.reshape(shape).to(dtype), v.reshape(shape).to(dtype)
+        k = self.k.index_select(0, flat).view(shape)
+        v = self.v.index_select(0, flat).view(shape)
+        return k.to(dtype), v.to(dtype)
+
+
+def causal_mask(start_pos: int, q_len: int, bidirectional_len: int = 0, device=None) -> torch.Tensor:
+    """Additive mask [1, 1, q_len, start_pos + q_len]: query i (at start_pos + i) sees keys <= its position, plus
+    every key below ``bidirectional_len`` (prefix-LM)."""
+    total = start_pos + q_len
+    q_pos = torch.arange(start_pos, total, device=device)
+    key_pos = torch.arange(total, device=device)
+    visible = key_pos[None, :] <= q_pos[:, None]
+    if bidirectional_len:
+        visible = visible | (key_pos[None, :] < bidirectional_len)
+    mask = torch.zeros(q_len, total, device=device, dtype=torch.float32)
+    return mask.masked_fill_(~visible, torch.finfo(torch.float32).min)[None, None]
+
+
+def decode_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """Additive mask [B, 1, 1, length] hiding the padded tail of each decode's gathered context."""
+    key_pos = torch.arange(length, device=context_lens.device)
+    mask = torch.zeros(context_lens.shape[0], 1, 1, length, device=context_lens.device, dtype=torch.float32)
+    return mask.masked_fill_(
+        key_pos[None, None, None, :] >= context_lens[:, None, None, None], torch.finfo(torch.float32).min
+    )
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -63,9 +88,7 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.T
     return slopes.to(torch.float32)[:, None, None] * rel[None]
 
 
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q [B, T, H, D], k/v [B, L, KVH, D], mask additive float [B or 1, H or 1, T, L] (None: causal, T == L)."""
     heads, kv_heads = q.shape[2], k.shape[2]
     out = F.scaled_dot_product_attention(
@@ -92,14 +115,12 @@ def paged_attention(
     cache.write(k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    neg_inf = torch.finfo(torch.float32).min
     if nd:
         kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
         length = kc.shape[1]
-        key_pos = torch.arange(length, device=q.device)
-        mask = torch.zeros(nd, 1, 1, length, device=q.device, dtype=torch.float32)
-        mask.masked_fill_(key_pos[None, None, None, :] >= meta.decode_context_lens[:, None, None, None], neg_inf)
+        mask = meta.decode_mask if meta.decode_mask is not None else decode_mask(meta.decode_context_lens, length)
         if alibi_slopes is not None:
+            key_pos = torch.arange(length, device=q.device)
             q_pos = (meta.decode_context_lens - 1).to(torch.float32)
             rel = key_pos[None, :].to(torch.float32) - q_pos[:, None]  # [B, L]
             mask = mask + alibi_slopes.to(torch.float32)[None, :, None, None] * rel[:, None, None, :]
@@ -115,15 +136,11 @@ def paged_attention(
         else:
             kc, vc = cache.gather(chunk.block_table[None], q.dtype)
             kc, vc = kc[:, :total], vc[:, :total]
-        q_pos = torch.arange(chunk.start_pos, total, device=q.device)
-        key_pos = torch.arange(total, device=q.device)
-        visible = key_pos[None, :] <= q_pos[:, None]
-        if chunk.bidirectional_len:
-            visible = visible | (key_pos[None, :] < chunk.bidirectional_len)
-        mask = torch.zeros(chunk.q_len, total, device=q.device, dtype=torch.float32)
-        mask.masked_fill_(~visible, neg_inf)
-        mask = mask[None, None]
+        mask = chunk.mask
+        if mask is None:
+            mask = causal_mask(chunk.start_pos, chunk.q_len, chunk.bidirectional_len, device=q.device)
         if alibi_slopes is not None:
+            q_pos = torch.arange(chunk.start_pos, total, device=q.device)
             mask = mask + alibi_bias(alibi_slopes, q_pos, total)[None]
         out[sl] = _sdpa(q[sl][None], kc, vc, mask, scale)[0]
     return out

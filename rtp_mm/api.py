@@ -30,6 +30,7 @@ from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
 from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.scheduler import Scheduler
 from rtp_mm.llm.models.load import LoadedModel, load_model
+from rtp_mm.llm.models.transforms import use_half_weights
 from rtp_mm.model_types import check_model_type_matches, detect_model_type, read_config_json, resolve_model_type
 
 logger = logging.getLogger(__name__)
@@ -41,18 +42,23 @@ CPU_KV_CAP_MB = 2048
 _DTYPES = {WeightType.FP16: torch.float16, WeightType.BF16: torch.bfloat16, WeightType.FP32: torch.float32}
 
 
-def resolve_compute_dtype(model_config: ModelConfig, device: str) -> torch.dtype:
-    """The dtype weights and activations are computed in.
+def resolve_dtypes(model_config: ModelConfig, device: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(activation dtype, narrower weight-storage dtype or None).
 
-    An explicit ``act_type`` wins. Otherwise CUDA uses the weight type (INT8 weights compute in fp16); on CPU a
-    FP16/BF16 request is served in fp32, which this class of CPU computes fastest for batched work (see
-    BENCHMARKS.md), unless ``act_type`` says otherwise.
+    An explicit ``act_type`` wins for activations (and the KV cache). Otherwise CUDA computes in the weight type
+    (INT8 weights in fp16). On CPU, activations default to fp32, which AVX2 CPUs compute well; a FP16/BF16
+    WEIGHT_TYPE then keeps the weights in that half-precision type (half the memory, faster small-batch decode,
+    see ``rtp_mm.kernels.linear`` and BENCHMARKS.md).
     """
+    weight = _DTYPES.get(model_config.weight_type)
     if model_config.act_type is not None:
-        return _DTYPES[model_config.act_type]
-    if device == "cpu":
-        return torch.float32
-    return _DTYPES.get(model_config.weight_type, torch.float16)
+        act = _DTYPES[model_config.act_type]
+    elif device == "cpu":
+        act = torch.float32
+    else:
+        act = weight or torch.float16
+    narrower = weight is not None and weight != act and weight.itemsize < act.itemsize
+    return act, weight if narrower else None
 
 
 def _resolve_paths(model_config: ModelConfig) -> ModelConfig:
@@ -101,10 +107,12 @@ class LLM:
         self.engine_config = engine_config
         self.model_type = info
         self.device = engine_config.device
-        self.dtype = resolve_compute_dtype(model_config, self.device)
+        self.dtype, self.weight_storage_dtype = resolve_dtypes(model_config, self.device)
         self.loaded: LoadedModel = load_model(
             info.family, info.name, model_config.ckpt_path, self.dtype, self.device
         )
+        if self.weight_storage_dtype is not None:
+            use_half_weights(self.loaded.model, self.weight_storage_dtype)
         spec = self.loaded.model.spec
         self.max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
         self.tokenizer = None

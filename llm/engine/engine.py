@@ -103,17 +103,24 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
                                      f"{self.block_manager.num_blocks}")
         eos = self.eos_token_ids if config.eos_token_id is None else frozenset({config.eos_token_id})
+        if config.eos_token_id is not None and config.eos_token_id >= vocab:
+            raise InvalidRequest(f"eos_token_id={config.eos_token_id} is outside the vocabulary [0, {vocab})")
         generator = torch.Generator(device="cpu")
         generator.manual_seed(config.random_seed if config.random_seed is not None else random.getrandbits(63))
         return Request(
             request_id=request_id if request_id is not None else next(self._ids),
             prompt_ids=list(prompt_ids),
             config=config,
-            max_total_len=min(self.max_seq_len, prompt_len + config.max_new_tokens),
+            # Never beyond what the whole cache holds, or a lone request could never be scheduled again.
+            max_total_len=min(self.max_seq_len, prompt_len + config.max_new_tokens, self.cache_capacity_tokens),
             eos_token_ids=frozenset() if config.ignore_eos else eos,
             mm_inputs=list(mm_inputs or ()),
             generator=generator,
         )
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
 
     def new_request_id(self) -> int:
         return next(self._ids)

@@ -76,6 +76,8 @@ class GenerateConfig:
         _float(self, "frequency_penalty", low=-2.0, high=2.0)
         if self.random_seed is not None:
             _int(self, "random_seed", minimum=0)
+            if self.random_seed >= 2**64:  # torch.Generator.manual_seed takes at most 64 bits
+                raise GenerateConfigError(f"random_seed={self.random_seed} is too large; accepted: 0..2**64-1")
         if not isinstance(self.stop_words_str, list) or not all(isinstance(s, str) for s in self.stop_words_str):
             raise GenerateConfigError(f"stop_words_str={self.stop_words_str!r} must be a list of strings")
         if any(s == "" for s in self.stop_words_str):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rtp_mm.kernels.attention import AttnMetadata, KVCache, PrefillChunk
+from rtp_mm.kernels.attention import AttnMetadata, KVCache, PrefillChunk, causal_mask, decode_mask
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.models.decoder import Decoder
 
@@ -34,9 +34,8 @@ class ModelRunner:
 
     def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
         self.model = model
-        param = next(model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype if param.is_floating_point() else torch.float32
+        self.device = model.norm.weight.device
+        self.dtype = model.act_dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
         spec = model.spec
@@ -78,6 +77,8 @@ class ModelRunner:
                         q_len=seq.num_new_tokens,
                         start_pos=seq.start,
                         block_table=torch.tensor(table, dtype=torch.long, device=self.device),
+                        # built once per step, shared by every layer
+                        mask=causal_mask(seq.start, seq.num_new_tokens, device=self.device) if seq.start else None,
                     )
                 )
             for mm in req.mm_inputs:
@@ -94,14 +95,16 @@ class ModelRunner:
             decode_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
             context = [s.start + 1 for s in decodes]
             decode_lens = torch.tensor(context, dtype=torch.long, device=self.device)
+            mask = decode_mask(decode_lens, width * bs)
         else:
-            decode_tables, decode_lens, context = None, None, [0]
+            decode_tables, decode_lens, context, mask = None, None, [0], None
         meta = AttnMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decodes),
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,
             decode_max_context=max(context),
+            decode_mask=mask,
             prefills=tuple(prefills),
             block_size=bs,
         )

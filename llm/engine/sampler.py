@@ -17,8 +17,11 @@ def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
     """logits [vocab] (modified copy). HF-style repetition penalty over prompt + output; OpenAI-style
     presence/frequency penalties over the output only."""
     cfg = req.config
+    vocab = logits.shape[0]
     if cfg.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.all_token_ids)), dtype=torch.long, device=logits.device)
+        # Image placeholder ids may lie outside the vocabulary (llava: -200); a negative index would wrap around.
+        ids = sorted(t for t in set(req.all_token_ids) if 0 <= t < vocab)
+        seen = torch.tensor(ids, dtype=torch.long, device=logits.device)
         picked = logits[seen]
         picked = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
         logits = logits.clone()
@@ -83,9 +86,11 @@ def _is_plain_greedy(req: Request) -> bool:
 def _sample_row(row: torch.Tensor, req: Request) -> int:
     cfg = req.config
     row = apply_penalties(row, req)
-    if len(req.output_ids) < cfg.min_new_tokens and req.eos_token_ids:
+    # A user-supplied eos_token_id may be outside the vocabulary: it can never be drawn, so it needs no mask.
+    eos = [t for t in req.eos_token_ids if t < row.shape[0]]
+    if len(req.output_ids) < cfg.min_new_tokens and eos:
         row = row.clone()
-        row[list(req.eos_token_ids)] = float("-inf")
+        row[eos] = float("-inf")
     if cfg.is_greedy():
         return int(row.argmax())
     row = filter_top_k_top_p(row / cfg.temperature, cfg.top_k, cfg.top_p)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.kernels.attention import AttnMetadata, KVCache, paged_attention
+from rtp_mm.kernels.linear import half_weight_linear
 from rtp_mm.llm.models.rope import RopeSpec, RotaryEmbedding
 
 
@@ -191,8 +192,13 @@ class Decoder(nn.Module):
         # Plain attribute (the model is built on the meta device; these slopes must stay real).
         self.alibi = alibi_slopes(spec.num_heads) if spec.position == "alibi" else None
 
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """Activation dtype: the final norm's (weight-storage transforms leave norms alone)."""
+        return self.norm.weight.dtype
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
+        h = self.embed(input_ids).to(self.act_dtype)
         if self.spec.embedding_scale != 1.0:
             # Gemma: the scale is rounded to the model dtype first, as the reference does.
             h = h * torch.tensor(self.spec.embedding_scale, dtype=h.dtype)
@@ -231,6 +237,9 @@ class Decoder(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
-        weight = self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
-        bias = None if self.spec.tie_word_embeddings else self.lm_head.bias
-        return F.linear(hidden, weight, bias).float()
+        if not self.spec.tie_word_embeddings:
+            return self.lm_head(hidden).float()
+        weight = self.embed.weight
+        if weight.dtype != hidden.dtype:  # half-precision weight storage
+            return half_weight_linear(hidden, weight).float()
+        return F.linear(hidden, weight).float()

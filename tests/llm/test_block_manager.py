@@ -245,6 +245,19 @@ def test_hash_chain_depends_on_the_whole_prefix():
     assert probe(bm, 6, base + [7]) == a.block_table
 
 
+def test_same_block_after_different_prefixes_is_cached_twice():
+    # a = [X, Y], b = [Z, Y]: b's Y block holds different K/V (other context), so it needs its own cache entry;
+    # a third request [Z, Y, ...] must get b's two blocks, never b's Z followed by a's Y.
+    bm = BlockManager(num_blocks=20, block_size=BS, enable_prefix_caching=True)
+    x, y, z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    a = make_req(1, x + y)
+    compute_all(bm, a)
+    b = make_req(2, z + y)
+    compute_all(bm, b)
+    assert probe(bm, 3, z + y + [0]) == b.block_table
+    assert probe(bm, 4, x + y + [0]) == a.block_table
+
+
 def _image(offset: int, rows: int, content_hash: str, fill: float = 0.0) -> MultimodalInput:
     return MultimodalInput(embeds=torch.full((rows, 2), fill), offset=offset, content_hash=content_hash)
 

@@ -1,0 +1,97 @@
+"""The one error middleware: typed rtp-mm exceptions become ``{"error_code": int, "message": str}`` bodies.
+
+The error codes are RTP-LLM's (behaviour reference, section 1.9). The HTTP statuses deliberately deviate from
+RTP-LLM, which answers 500 for everything except the concurrency limit (409): a client error is a 4xx here, so
+clients, proxies and retry logic can tell "fix your request" from "the server failed".
+
+=========================================  =====  ==========================================================
+exception                                  HTTP   why
+=========================================  =====  ==========================================================
+``CapacityExceeded`` (513)                 409    as RTP-LLM: more than CONCURRENCY_LIMIT requests in flight
+``InvalidRequest`` and subclasses          400    bad JSON, wrong types (507), no/empty prompt (509/510), prompt
+                                                  too long (511), bad stop words (512), bad generate_config (516)
+``RequestTimeout`` (603)                   504    the request's own ``timeout_ms`` ran out while generating;
+                                                  408 would mean the client was slow to *send* the request
+``RequestCancelled`` (499)                 499    as RTP-LLM (nginx's "client closed request"); rarely seen
+``NotImplementedYetError``                 501    a registered feature that is not implemented yet
+``EngineDead``                             503    the engine is shut down or stopped; the process should restart
+any other ``RtpMmError``                   500    with its own code
+any other exception                        500    514; the message names the exception, the traceback is logged
+                                                  (RTP-LLM puts the traceback in the body; we do not leak it)
+aiohttp ``HTTPException`` >= 400           same   507 for 4xx (unknown route, wrong method, body too large), 514
+                                                  for 5xx
+=========================================  =====  ==========================================================
+
+A malformed request only ever fails itself: the middleware turns every exception into a response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from rtp_mm.errors import (
+    CapacityExceeded,
+    EngineDead,
+    ErrorCode,
+    InvalidRequest,
+    NotImplementedYetError,
+    RequestCancelled,
+    RequestTimeout,
+    RtpMmError,
+)
+from rtp_mm.server.protocol import dumps
+
+logger = logging.getLogger(__name__)
+
+# Checked in order, so subclasses come before their bases.
+_STATUS_BY_ERROR: tuple[tuple[type[RtpMmError], int], ...] = (
+    (CapacityExceeded, 409),
+    (InvalidRequest, 400),
+    (RequestTimeout, 504),
+    (RequestCancelled, 499),
+    (NotImplementedYetError, 501),
+    (EngineDead, 503),
+)
+
+
+def error_body(error_code: int, message: str) -> dict[str, Any]:
+    return {"error_code": int(error_code), "message": message}
+
+
+def describe_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) for any exception a handler raised."""
+    if isinstance(exc, RtpMmError):
+        status = next((s for cls, s in _STATUS_BY_ERROR if isinstance(exc, cls)), 500)
+        return status, error_body(exc.error_code, exc.message)
+    if isinstance(exc, web.HTTPException):
+        code = ErrorCode.INPUT_FORMAT_ERROR if exc.status < 500 else ErrorCode.UNKNOWN_ERROR
+        return exc.status, error_body(code, exc.text or exc.reason)
+    return 500, error_body(ErrorCode.UNKNOWN_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def error_response(exc: BaseException) -> web.Response:
+    status, body = describe_error(exc)
+    return web.json_response(body, status=status, dumps=dumps)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise  # redirects and the like are not errors
+        return error_response(e)
+    except RtpMmError as e:
+        status, _ = describe_error(e)
+        if status >= 500:
+            logger.error("%s %s failed: %s", request.method, request.path, e.message)
+        else:
+            logger.info("%s %s rejected (%d, %d): %s", request.method, request.path, status, e.error_code, e.message)
+        return error_response(e)
+    except Exception as e:
+        logger.exception("%s %s failed with an unexpected error", request.method, request.path)
+        return error_response(e)
