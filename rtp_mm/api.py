@@ -143,7 +143,10 @@ class LLM:
     def _num_kv_blocks(self, block_size: int) -> int:
         per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype)
         mem_mb = self.engine_config.kv_cache_mem_mb
-        if mem_mb > 0:
+        if self.engine_config.kv_cache_blocks > 0:
+            budget = self.engine_config.kv_cache_blocks * per_block
+            source = f"TEST_BLOCK_NUM={self.engine_config.kv_cache_blocks}"
+        elif mem_mb > 0:
             budget = mem_mb * 2**20
             source = f"KV_CACHE_MEM_MB={mem_mb}"
         else:

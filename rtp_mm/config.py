@@ -165,6 +165,7 @@ class EngineConfig:
     concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT  # in-flight requests (HTTP 409 beyond) = max batch size
     int8_kv_cache: bool = False  # KV stored as int8 + a float scale per (token, kv-head)
     kv_cache_mem_mb: int = -1  # > 0: exactly this much for KV blocks; otherwise sized from free memory
+    kv_cache_blocks: int = 0  # > 0: exactly this many KV blocks (RTP-LLM's TEST_BLOCK_NUM); wins over the MiB size
     pre_allocate_op_mem: bool = True  # warm-up forward at the largest budget before sizing the KV cache
     tp_split_emb_and_lmhead: bool = True  # vocab-shard embedding/lm_head under TP (no effect at TP size 1)
     reuse_cache: bool = False  # prefix caching of full KV blocks
@@ -179,6 +180,7 @@ class EngineConfig:
         _check_int(self.concurrency_limit, "CONCURRENCY_LIMIT", minimum=1)
         _check_int(self.load_ckpt_num_process, "LOAD_CKPT_NUM_PROCESS", minimum=0)
         _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=1)
+        _check_int(self.kv_cache_blocks, "TEST_BLOCK_NUM", minimum=0)
         if isinstance(self.kv_cache_mem_mb, bool) or not isinstance(self.kv_cache_mem_mb, int):
             raise ConfigError(f"KV_CACHE_MEM_MB={self.kv_cache_mem_mb!r} must be an integer")
         flags = ("int8_kv_cache", "pre_allocate_op_mem", "tp_split_emb_and_lmhead", "reuse_cache", "vit_trt")
@@ -313,6 +315,7 @@ class _EnvParser:
             concurrency_limit=self.integer("CONCURRENCY_LIMIT", DEFAULT_CONCURRENCY_LIMIT, minimum=1),
             int8_kv_cache=self.flag("INT8_KV_CACHE", False),
             kv_cache_mem_mb=self.integer("KV_CACHE_MEM_MB", -1),
+            kv_cache_blocks=self.integer("TEST_BLOCK_NUM", 0, minimum=0),
             pre_allocate_op_mem=self.flag("PRE_ALLOCATE_OP_MEM", True),
             tp_split_emb_and_lmhead=self.flag("TP_SPLIT_EMB_AND_LMHEAD", True),
             reuse_cache=self.flag("REUSE_CACHE", False),
@@ -335,6 +338,16 @@ class _EnvParser:
     def settings(self) -> Settings:
         # Order matters for the error a user sees first: the model identity, then the rest.
         return Settings(model=self.model(), engine=self.engine(), server=self.server())
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where rtp-mm keeps derived artefacts (converted GGUF tokenizers, later TensorRT engines):
+    ``RTP_MM_CACHE_DIR``, else ``$XDG_CACHE_HOME/rtp_mm``, else ``~/.cache/rtp_mm``."""
+    env = os.environ if env is None else env
+    if env.get("RTP_MM_CACHE_DIR"):
+        return Path(env["RTP_MM_CACHE_DIR"])
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "rtp_mm"
 
 
 def configure_logging(level: str) -> None:

@@ -3,7 +3,10 @@ tokenizer embedded in a GGUF file."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +27,38 @@ def _gguf_file(path: Path) -> Path | None:
     return None
 
 
+def _cached_gguf_tokenizer(gguf: Path) -> Any:
+    """Converting a GGUF vocabulary takes seconds; keep the converted tokenizer in the cache, keyed by the file's
+    identity (path, size, mtime), and load it from there afterwards."""
+    from transformers import AutoTokenizer
+
+    from rtp_mm.config import cache_dir
+    from rtp_mm.llm.loader import load_gguf_tokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "gguf_tokenizers" / key
+    if (folder / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        except Exception:  # a damaged cache entry: convert again
+            logger.warning("cached tokenizer in %s is unreadable; converting %s again", folder, gguf)
+    tokenizer = load_gguf_tokenizer(gguf)
+    try:
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tokenizer.save_pretrained(str(tmp))
+        tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a read-only cache is not fatal
+        logger.info("could not cache the converted tokenizer (%s)", e)
+    return tokenizer
+
+
 def load_tokenizer(tokenizer_path: str) -> Any:
     """A transformers tokenizer for ``tokenizer_path``; raises ConfigError saying what is missing."""
     path = Path(tokenizer_path)
     gguf = _gguf_file(path)
     if gguf is not None:
-        from rtp_mm.llm.loader import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(gguf)
+        return _cached_gguf_tokenizer(gguf)
     if not path.is_dir() or not any((path / f).exists() for f in _TOKENIZER_FILES):
         raise ConfigError(
             f"TOKENIZER_PATH={tokenizer_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "

@@ -53,7 +53,7 @@ def hf_step_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[
 
 def tiny_llm(path: Path, model_type: str, **kw) -> LLM:
     return LLM(
-        ModelConfig(model_type=model_type, ckpt_path=str(path)),
+        ModelConfig(model_type=model_type, ckpt_path=str(path), max_seq_len=kw.pop("max_seq_len", 0)),
         kv_cache_mem_mb=kw.pop("kv_cache_mem_mb", 16),
         skip_tokenizer_init=True,
         **kw,

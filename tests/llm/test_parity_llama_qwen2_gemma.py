@@ -108,3 +108,17 @@ def test_gemma(tmp_path):
         prompts = random_prompts(300, LENGTHS, seed=4)
         check_parity(llm, model, prompts[:1])
         check_parity(llm, model, prompts)
+
+
+def test_llama_chunked_prefill_and_preemption(tmp_path):
+    """A tiny token budget forces chunked prefill mixed with decodes; a 40-block cache forces preemption and
+    recomputation. Neither may change greedy results."""
+    model, path = _llama(tmp_path, False, 2, None)
+    prompts = random_prompts(320, LENGTHS, seed=7)
+    with tiny_llm(path, "llama", max_num_batched_tokens=7) as llm:
+        check_parity(llm, model, prompts)
+    with tiny_llm(path, "llama", kv_cache_blocks=40, max_seq_len=128) as llm:
+        check_parity(llm, model, prompts)
+        stats = llm.stats()
+        assert stats["free_blocks"] == stats["num_blocks"] == 40
+        assert stats["num_preemptions"] > 0

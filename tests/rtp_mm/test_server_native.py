@@ -156,6 +156,9 @@ async def test_text_and_generation_config_aliases(client, llm):
     data = await _post(client, {"text": "Hello", "generation_config": {"max_new_tokens": 4, **GREEDY}})
     assert data["aux_info"]["output_len"] == 4
     assert [data["response"]] == await _offline(llm, "Hello", max_new_tokens=4, **GREEDY)
+    # A list under 'prompt' answers its first element only, as RTP-LLM does.
+    listed = await _post(client, {"prompt": ["Hello", "The lazy dog"], "max_new_tokens": 4, **GREEDY})
+    assert listed["response"] == data["response"]
 
 
 async def test_top_level_fields_override_generate_config(client):
@@ -222,6 +225,24 @@ async def test_stream_incremental(client, llm, switches):
     assert len(events) == 8 and events[-1]["finished"] is True
     joined = "".join(e["response"] for e in events)
     assert [joined] == await _offline(llm, "The quick brown fox", max_new_tokens=8, **GREEDY)
+
+
+async def test_stream_prompt_batch_and_sequences_incremental(client, llm):
+    prompts = ["Hello world", "The lazy dog"]
+    body = {"prompt_batch": prompts, "stream": True, "return_incremental": True, "max_new_tokens": 5, **GREEDY}
+    payloads = _events(await (await client.post("/", json=body)).read())
+    assert payloads[-1] == b"[done]"
+    events = [json.loads(p) for p in payloads[:-1]]
+    assert len(events) == 10  # one per token of either prompt
+    joined = ["".join(e["response_batch"][i]["response"] for e in events) for i in range(2)]
+    assert joined == await _offline(llm, prompts, max_new_tokens=5, **GREEDY)
+    assert [r["finished"] for r in events[-1]["response_batch"]] == [True, True]
+    # n sampled sequences stream as lists; the last event has every cumulative text.
+    config = {"max_new_tokens": 4, "num_return_sequences": 2, "random_seed": 3, "top_p": 1.0}
+    payloads = _events(await (await client.post("/", json={"prompt": "Hello", "stream": True, **config})).read())
+    last = json.loads(payloads[-2])
+    assert last["finished"] is True and len(last["aux_info"]) == 2
+    assert last["response"] == (await _post(client, {"prompt": "Hello", **config}))["response"]
 
 
 async def test_stream_error_is_one_more_event(slow_client):
