@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
-from rtp_mm.errors import ConfigError, InvalidRequest, NotImplementedYetError
+from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest, NotImplementedYetError
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.generate_config import GenerateConfig
@@ -170,6 +170,8 @@ class LLM:
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise EmptyPromptError("prompt is empty")
             return self.encode(prompt)
         if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
@@ -262,7 +264,13 @@ class LLM:
     def abort(self, request_id: int) -> None:
         self._loop.abort(request_id)
 
+    @property
+    def alive(self) -> bool:
+        return self._loop.alive
+
     def stats(self) -> dict[str, Any]:
+        if not self._loop.alive:
+            raise EngineDead("the engine is not running")
         return self._loop.call(lambda engine: engine.stats())
 
     def shutdown(self) -> None:

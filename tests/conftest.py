@@ -9,7 +9,7 @@ import pytest
 def default_llm():
     from rtp_mm import LLM, ModelConfig
 
-    llm = LLM(ModelConfig(), kv_cache_mem_mb=256)
+    llm = LLM(ModelConfig(weight_type="FP32"), kv_cache_mem_mb=256)
     yield llm
     llm.shutdown()
 

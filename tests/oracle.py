@@ -53,7 +53,14 @@ def hf_step_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[
 
 def tiny_llm(path: Path, model_type: str, **kw) -> LLM:
     return LLM(
-        ModelConfig(model_type=model_type, ckpt_path=str(path), max_seq_len=kw.pop("max_seq_len", 0)),
+        # FP32: parity is checked against fp32 references (the CPU default for WEIGHT_TYPE=FP16 is half-precision
+        # weight storage, which is checked separately against the fp32 path).
+        ModelConfig(
+            model_type=model_type,
+            ckpt_path=str(path),
+            max_seq_len=kw.pop("max_seq_len", 0),
+            weight_type=kw.pop("weight_type", "FP32"),
+        ),
         kv_cache_mem_mb=kw.pop("kv_cache_mem_mb", 16),
         skip_tokenizer_init=True,
         **kw,

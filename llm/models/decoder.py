@@ -74,6 +74,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; same result in fp32
         # Normalise in float32 like the reference implementations, then scale in the model dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -221,7 +223,7 @@ class Decoder(nn.Module):
             h = self.embed_norm(h)
         ctx = StepContext(meta=meta)
         if self.rotary is not None:
-            ctx.cos, ctx.sin = self.rotary.cos_sin(positions, seq_lens)
+            ctx.cos, ctx.sin = self.rotary.cos_sin(positions, seq_lens, for_dtype=h.dtype)
         if self.alibi is not None:
             if self.alibi.device != h.device:
                 self.alibi = self.alibi.to(h.device)

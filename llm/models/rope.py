@@ -110,10 +110,10 @@ class RotaryEmbedding(torch.nn.Module):
         return None
 
     def cos_sin(
-        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None
+        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None, for_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [tokens, dim / 2] in float32. ``seq_lens`` [tokens]: each token's sequence length after this
-        step, used by the dynamic scalings."""
+        """cos/sin [tokens, dim / 2] in float32, or [tokens, 1, dim / 2] in ``for_dtype``. ``seq_lens`` [tokens]:
+        each token's sequence length after this step, used by the dynamic scalings."""
         pos = positions.to(torch.float32)
         if self.spec.scaling == "linear":
             pos = pos / self.spec.factor
@@ -129,14 +129,15 @@ class RotaryEmbedding(torch.nn.Module):
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        if for_dtype is not None:  # shaped and cast once per step for every layer's apply()
+            return cos[:, None, :].to(for_dtype), sin[:, None, :].to(for_dtype)
         return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [tokens, heads, head_dim] -> rotated copy (the first ``dim`` dims rotated, the rest passed through)."""
+        """x [tokens, heads, head_dim] -> rotated copy (the first ``dim`` dims rotated, the rest passed through).
+        cos/sin: [tokens, 1, dim / 2] in x's dtype (``cos_sin(..., for_dtype=...)``)."""
         dim = self.dim
         rot, rest = x[..., :dim], x[..., dim:]
-        cos = cos[:, None, :].to(x.dtype)
-        sin = sin[:, None, :].to(x.dtype)
         if self.spec.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

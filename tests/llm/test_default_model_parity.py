@@ -39,3 +39,23 @@ def test_weights_are_dequantized_like_hf(default_llm, default_hf_model):
     hf = default_hf_model.model.layers[0].self_attn
     expected = torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight])
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_half_weight_storage_stays_close_to_fp32(default_llm):
+    """WEIGHT_TYPE=FP16 on CPU stores weights in fp16 (activations fp32): half the weight memory, near-fp32 output."""
+    from rtp_mm import LLM, ModelConfig
+
+    with LLM(ModelConfig(weight_type="FP16"), kv_cache_mem_mb=128) as llm16:
+        weight_bytes = lambda llm: sum(p.numel() * p.element_size() for p in llm.loaded.model.parameters())
+        assert weight_bytes(llm16) < 0.52 * weight_bytes(default_llm)
+        cfg = GenerateConfig(max_new_tokens=32, top_k=1, logprobs=1, ignore_eos=True)
+        prompts = [default_llm.chat_ids(chat) for chat in CHATS]
+        ref = default_llm.generate(prompts, cfg)
+        half = llm16.generate(prompts, cfg)
+        diffs = []
+        for r, h in zip(ref, half, strict=True):
+            assert h.token_ids[:8] == r.token_ids[:8]
+            same = [i for i in range(32) if h.token_ids[: i + 1] == r.token_ids[: i + 1]]
+            diffs += [abs(h.logprobs[i][h.token_ids[i]] - r.logprobs[i][r.token_ids[i]]) for i in same]
+        assert sum(diffs) / len(diffs) < 0.05
