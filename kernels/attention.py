@@ -59,6 +59,70 @@ class KVCache:
         return k.to(dtype), v.to(dtype)
 
 
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: x [..., D] -> (q int8 [..., D], scale float32 [...]) with x ~= q * scale.
+
+    scale = amax / 127, so |x - q * scale| <= scale / 2. An all-zero vector gets scale 0 (and q 0), which
+    dequantizes back to exact zeros; the division uses a floor so it never divides by zero.
+    """
+    x = x.to(torch.float32)
+    scale = x.abs().amax(dim=-1) / 127.0
+    q = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_int8: q [..., D] int8, scale [...] float32 -> [..., D] in ``dtype`` (multiplied in fp32)."""
+    return (q.to(torch.float32) * scale[..., None]).to(dtype)
+
+
+@dataclass
+class Int8KVCache:
+    """One layer's cache with K/V as int8 [num_blocks, block_size, num_kv_heads, head_dim] plus a float32 scale per
+    (token, kv-head) [num_blocks, block_size, num_kv_heads]: head_dim + 4 bytes per token and head instead of
+    head_dim * itemsize (RTP-LLM's INT8_KV_CACHE layout). Same write/gather interface as KVCache: K/V are quantized
+    on write and gather returns them dequantized, so attention itself is unchanged. A prefill chunk starting at
+    position 0 attends to its own unquantized K/V; every later read (decodes, later chunks) sees the int8 values.
+    """
+
+    k_q: torch.Tensor
+    v_q: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, device: torch.device | str = "cpu"
+    ) -> Int8KVCache:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+
+        def zeros(*dims: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(dims, dtype=dtype, device=device)
+
+        return cls(
+            zeros(*shape, dtype=torch.int8),
+            zeros(*shape, dtype=torch.int8),
+            zeros(*shape[:3], dtype=torch.float32),
+            zeros(*shape[:3], dtype=torch.float32),
+        )
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        kv_heads, head_dim = self.k_q.shape[2], self.k_q.shape[3]
+        for x, q_store, scale_store in ((k, self.k_q, self.k_scale), (v, self.v_q, self.v_scale)):
+            q, scale = quantize_int8(x)  # [tokens, KVH, D], [tokens, KVH]
+            q_store.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
+            scale_store.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
+
+    def gather(self, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized K/V of the given blocks as [*, num_blocks * block_size, num_kv_heads, head_dim]."""
+        flat = block_tables.reshape(-1)
+        kv_heads, head_dim = self.k_q.shape[2], self.k_q.shape[3]
+        shape = (*block_tables.shape[:-1], -1, kv_heads, head_dim)
+        k = dequantize_int8(self.k_q.index_select(0, flat), self.k_scale.index_select(0, flat), dtype)
+        v = dequantize_int8(self.v_q.index_select(0, flat), self.v_scale.index_select(0, flat), dtype)
+        return k.view(shape), v.view(shape)
+
+
 def causal_mask(start_pos: int, q_len: int, bidirectional_len: int = 0, device=None) -> torch.Tensor:
     """Additive mask [1, 1, q_len, start_pos + q_len]: query i (at start_pos + i) sees keys <= its position, plus
     every key below ``bidirectional_len`` (prefix-LM)."""
@@ -107,13 +171,13 @@ def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    cache: KVCache,
+    cache: KVCache | Int8KVCache,
     meta: AttnMetadata,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,  # [num_heads]
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     cache.write(k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
+    pieces: list[torch.Tensor] = []  # decodes first, then each prefill chunk in batch order
     nd = meta.num_decode_tokens
     if nd:
         kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
@@ -124,14 +188,14 @@ def paged_attention(
             q_pos = (meta.decode_context_lens - 1).to(torch.float32)
             rel = key_pos[None, :].to(torch.float32) - q_pos[:, None]  # [B, L]
             mask = mask + alibi_slopes.to(torch.float32)[None, :, None, None] * rel[:, None, None, :]
-        out[:nd] = _sdpa(q[:nd, None], kc, vc, mask, scale)[:, 0]
+        pieces.append(_sdpa(q[:nd, None], kc, vc, mask, scale)[:, 0])
     for chunk in meta.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         total = chunk.start_pos + chunk.q_len
         if chunk.start_pos == 0:
             kc, vc = k[sl][None], v[sl][None]
             if alibi_slopes is None and not chunk.bidirectional_len:
-                out[sl] = _sdpa(q[sl][None], kc, vc, None, scale)[0]  # plain causal: the fused kernel's fast path
+                pieces.append(_sdpa(q[sl][None], kc, vc, None, scale)[0])  # plain causal: the fused fast path
                 continue
         else:
             kc, vc = cache.gather(chunk.block_table[None], q.dtype)
@@ -142,5 +206,5 @@ def paged_attention(
         if alibi_slopes is not None:
             q_pos = torch.arange(chunk.start_pos, total, device=q.device)
             mask = mask + alibi_bias(alibi_slopes, q_pos, total)[None]
-        out[sl] = _sdpa(q[sl][None], kc, vc, mask, scale)[0]
-    return out
+        pieces.append(_sdpa(q[sl][None], kc, vc, mask, scale)[0])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

@@ -29,6 +29,7 @@ from rtp_mm.llm.engine.loop import EngineLoop
 from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
 from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.scheduler import Scheduler
+from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.transforms import use_half_weights
 from rtp_mm.model_types import check_model_type_matches, detect_model_type, read_config_json, resolve_model_type
@@ -124,10 +125,18 @@ class LLM:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = frozenset({self.tokenizer.eos_token_id})
         block_size = model_config.seq_size_per_block
+        if engine_config.pre_allocate_op_mem:
+            # CUDA: the whole step budget, so its activation memory is held before KV sizing. CPU: KV sizing does
+            # not measure free memory, so a short forward that initialises the kernels is enough.
+            budget = min(engine_config.step_token_budget, self.max_seq_len - 1)
+            if self.device == "cpu":
+                budget = min(budget, 64)
+            spent = warm_up(self.loaded.model, budget, block_size)
+            logger.info("warm-up forward of %d tokens took %.2f s (PRE_ALLOCATE_OP_MEM=1)", budget, spent)
         num_blocks = self._num_kv_blocks(block_size)
         runner = ModelRunner(self.loaded.model, num_blocks, block_size)
         bm = BlockManager(num_blocks, block_size, enable_prefix_caching=engine_config.reuse_cache)
-        scheduler = Scheduler(bm, engine_config.concurrency_limit, max(engine_config.max_num_batched_tokens, 1))
+        scheduler = Scheduler(bm, engine_config.concurrency_limit, engine_config.step_token_budget)
         self.engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
         self._loop = EngineLoop(self.engine)
         logger.info(
@@ -195,9 +204,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion (batched by the engine); outputs in prompt order."""
         requests = [self.make_request(p, generate_config) for p in self._normalise_prompts(prompts)]
-        return self._run_to_completion(requests)
+        return self.run_requests(requests)
 
-    def _run_to_completion(self, requests: list[Request]) -> list[RequestOutput]:
+    def run_requests(self, requests: list[Request]) -> list[RequestOutput]:
         results: dict[int, RequestOutput] = {}
         done = threading.Event()
         lock = threading.Lock()

@@ -173,13 +173,20 @@ class EngineConfig:
     vit_trt: bool = False  # vision encoders run as TensorRT engines
     ft_disable_custom_ar: bool = False  # no custom all-reduce under TP (no effect at TP size 1)
     load_ckpt_num_process: int = 1  # checkpoint loader processes; 0 = automatic
-    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    max_num_batched_tokens: int = 0  # per-step token budget (prefill chunks + decodes); 0 = 512 on CPU, 4096 on CUDA
     device: str = "cpu"
+
+    @property
+    def step_token_budget(self) -> int:
+        """The per-step token budget: a CPU step of 512 tokens keeps decode latency bounded while prefilling."""
+        if self.max_num_batched_tokens:
+            return self.max_num_batched_tokens
+        return 512 if self.device == "cpu" else 4096
 
     def __post_init__(self) -> None:
         _check_int(self.concurrency_limit, "CONCURRENCY_LIMIT", minimum=1)
         _check_int(self.load_ckpt_num_process, "LOAD_CKPT_NUM_PROCESS", minimum=0)
-        _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=1)
+        _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=0)
         _check_int(self.kv_cache_blocks, "TEST_BLOCK_NUM", minimum=0)
         if isinstance(self.kv_cache_mem_mb, bool) or not isinstance(self.kv_cache_mem_mb, int):
             raise ConfigError(f"KV_CACHE_MEM_MB={self.kv_cache_mem_mb!r} must be an integer")
@@ -323,7 +330,7 @@ class _EnvParser:
             vit_trt=self.flag("VIT_TRT", False),
             ft_disable_custom_ar=self.flag("FT_DISABLE_CUSTOM_AR", False),
             load_ckpt_num_process=self.integer("LOAD_CKPT_NUM_PROCESS", 1, minimum=0),
-            max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 2048, minimum=1),
+            max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 0, minimum=0),
             device=device,
         )
 

@@ -259,6 +259,7 @@ class LLMEngine:
             "free_blocks": bm.num_free_blocks,
             "block_size": bm.block_size,
             "prefix_hit_tokens": bm.stats.prefix_hit_tokens,
+            "prefix_evictions": bm.stats.evictions,
             "num_preemptions": self.scheduler.num_preemptions,
             "step_count": self.step_count,
             "last_step_ms": self.last_step_ms,

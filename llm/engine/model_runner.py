@@ -6,14 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rtp_mm.kernels.attention import AttnMetadata, KVCache, PrefillChunk, causal_mask, decode_mask
+from rtp_mm.kernels.attention import AttnMetadata, Int8KVCache, KVCache, PrefillChunk, causal_mask, decode_mask
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.models.decoder import Decoder
 
 
-def kv_block_bytes(model: Decoder, block_size: int, kv_dtype: torch.dtype) -> int:
-    """Bytes of one KV block over all layers (K and V)."""
+def kv_block_bytes(model: Decoder, block_size: int, kv_dtype: torch.dtype, int8_kv: bool = False) -> int:
+    """Bytes of one KV block over all layers (K and V). With ``int8_kv`` each (token, kv-head) holds head_dim int8
+    values plus one float32 scale, whatever ``kv_dtype`` is."""
     spec = model.spec
+    if int8_kv:
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * (spec.head_dim + 4)
     itemsize = torch.empty(0, dtype=kv_dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
@@ -30,9 +33,17 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Invariant: ``caches[l]`` holds layer l's K/V as [num_blocks, block_size, kv_heads, head_dim]."""
+    """Invariant: ``caches[l]`` holds layer l's K/V as [num_blocks, block_size, kv_heads, head_dim] (``int8_kv``:
+    int8 values plus a float32 scale per token and kv-head, see Int8KVCache)."""
 
-    def __init__(self, model: Decoder, num_blocks: int, block_size: int, kv_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: Decoder,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype | None = None,
+        int8_kv: bool = False,
+    ):
         self.model = model
         self.device = model.norm.weight.device
         self.dtype = model.act_dtype
@@ -41,13 +52,17 @@ class ModelRunner:
         spec = model.spec
         kv_dtype = kv_dtype or self.dtype
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.caches = [
-            KVCache(
-                torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=kv_dtype, device=self.device),
-            )
-            for _ in range(spec.num_layers)
-        ]
+        self.caches: list[KVCache | Int8KVCache]
+        if int8_kv:
+            self.caches = [Int8KVCache.empty(*shape, device=self.device) for _ in range(spec.num_layers)]
+        else:
+            self.caches = [
+                KVCache(
+                    torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                    torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                )
+                for _ in range(spec.num_layers)
+            ]
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size

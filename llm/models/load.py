@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rtp_mm.errors import ConfigError
 from rtp_mm.llm.loader import open_checkpoint
+from rtp_mm.llm.loader.parallel import auto_num_processes, iter_tensors_parallel
 from rtp_mm.llm.models import family_builder
 from rtp_mm.llm.models.decoder import Decoder
 from rtp_mm.llm.models.family import FamilyModel
@@ -36,31 +39,50 @@ class LoadedModel:
 
 
 def load_model(
-    family: str, model_type: str, ckpt_path: str, dtype: torch.dtype, device: str | torch.device
+    family: str,
+    model_type: str,
+    ckpt_path: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    num_load_processes: int = 1,
 ) -> LoadedModel:
+    """Build the family's decoder and load ``ckpt_path`` into it.
+
+    ``num_load_processes`` is LOAD_CKPT_NUM_PROCESS: >1 reads the shards of a sharded checkpoint in that many spawned
+    processes (the caller's script needs an ``if __name__ == "__main__":`` guard), 0 picks a count automatically
+    (see ``auto_num_processes``), 1 reads in this process. The weights are bit-identical whichever is chosen.
+    """
+    if num_load_processes < 0:
+        raise ConfigError(
+            f"LOAD_CKPT_NUM_PROCESS={num_load_processes}: expected 0 (automatic) or a positive number of processes"
+        )
     start = time.perf_counter()
     ckpt = open_checkpoint(ckpt_path)
     try:
+        num_processes = num_load_processes or auto_num_processes(ckpt)
         config = ckpt.config()
         keys = set(ckpt.keys())
         family_model = family_builder(family, model_type)(config, keys, model_type)
         with torch.device("meta"):
             model = Decoder(family_model.spec)
         model = model.to(dtype).to_empty(device=device)
-        load_weights(
-            model,
-            ckpt.iter_tensors(),
-            family_model.table,
-            family_model.spec.num_layers,
-            drop=family_model.drop,
-            rename=family_model.rename,
-        )
+        # closing(): a load error stops the loader processes now, not when the traceback is freed.
+        with closing(iter_tensors_parallel(ckpt, num_processes)) as tensors:
+            load_weights(
+                model,
+                tensors,
+                family_model.table,
+                family_model.spec.num_layers,
+                drop=family_model.drop,
+                rename=family_model.rename,
+            )
         generation_config = ckpt.generation_config()
         fmt = ckpt.format
     finally:
         ckpt.close()
     model.eval()
+    seconds = time.perf_counter() - start
     logger.info(
-        "loaded %s (%s, %s) from %s in %.1f s", model_type, fmt, dtype, ckpt_path, time.perf_counter() - start
+        "loaded %s (%s, %s) from %s in %.1f s, %d processes", model_type, fmt, dtype, ckpt_path, seconds, num_processes
     )
     return LoadedModel(model, family_model, config, generation_config, fmt)

@@ -81,7 +81,8 @@ def test_defaults_when_unset() -> None:
     assert engine.vit_trt is False
     assert engine.ft_disable_custom_ar is False
     assert engine.load_ckpt_num_process == 1
-    assert engine.max_num_batched_tokens == 2048
+    assert engine.max_num_batched_tokens == 0
+    assert engine.step_token_budget == 512  # automatic on CPU
     assert engine.device == "cpu"
 
     assert server.start_port == 8088
@@ -202,7 +203,7 @@ INTEGER_VARS = [
     ("GEN_NUM_PER_CIRCLE", lambda s: s.model.gen_num_per_circle, "5", 5, ["0", "five"], ">= 1"),
     ("CONCURRENCY_LIMIT", lambda s: s.engine.concurrency_limit, "8", 8, ["0", "-3", "many", "1e3"], ">= 1"),
     ("LOAD_CKPT_NUM_PROCESS", lambda s: s.engine.load_ckpt_num_process, "4", 4, ["-1", "auto"], ">= 0"),
-    ("MAX_NUM_BATCHED_TOKENS", lambda s: s.engine.max_num_batched_tokens, "512", 512, ["0", "lots"], ">= 1"),
+    ("MAX_NUM_BATCHED_TOKENS", lambda s: s.engine.max_num_batched_tokens, "512", 512, ["-1", "lots"], ">= 0"),
     ("START_PORT", lambda s: s.server.start_port, "9000", 9000, ["-1", "http", "80.5"], ""),
 ]
 
@@ -525,7 +526,7 @@ def test_model_config_bad_field_names_field(field_name: str, value, fragment: st
     [
         ({"concurrency_limit": 0}, "CONCURRENCY_LIMIT"),
         ({"load_ckpt_num_process": -1}, "LOAD_CKPT_NUM_PROCESS"),
-        ({"max_num_batched_tokens": 0}, "MAX_NUM_BATCHED_TOKENS"),
+        ({"max_num_batched_tokens": -1}, "MAX_NUM_BATCHED_TOKENS"),
         ({"kv_cache_mem_mb": "1024"}, "KV_CACHE_MEM_MB"),
         ({"reuse_cache": "0"}, "REUSE_CACHE"),
         ({"vit_trt": 1}, "VIT_TRT"),

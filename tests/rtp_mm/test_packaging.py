@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def test_every_package_folder_is_listed():
 @pytest.mark.slow
 def test_regular_install_has_only_rtp_mm(tmp_path):
     target = tmp_path / "site"
+    # Build from a copy: pip builds in-tree and would leave build/ and *.egg-info in the checkout.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
         [
             sys.executable,
