@@ -134,7 +134,7 @@ class LLM:
             spent = warm_up(self.loaded.model, budget, block_size)
             logger.info("warm-up forward of %d tokens took %.2f s (PRE_ALLOCATE_OP_MEM=1)", budget, spent)
         num_blocks = self._num_kv_blocks(block_size)
-        runner = ModelRunner(self.loaded.model, num_blocks, block_size)
+        runner = ModelRunner(self.loaded.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
         bm = BlockManager(num_blocks, block_size, enable_prefix_caching=engine_config.reuse_cache)
         scheduler = Scheduler(bm, engine_config.concurrency_limit, engine_config.step_token_budget)
         self.engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
@@ -150,7 +150,9 @@ class LLM:
         return cls(settings.model, settings.engine, **overrides)
 
     def _num_kv_blocks(self, block_size: int) -> int:
-        per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype)
+        per_block = kv_block_bytes(
+            self.loaded.model, block_size, self.dtype, int8_kv=self.engine_config.int8_kv_cache
+        )
         mem_mb = self.engine_config.kv_cache_mem_mb
         if self.engine_config.kv_cache_blocks > 0:
             budget = self.engine_config.kv_cache_blocks * per_block

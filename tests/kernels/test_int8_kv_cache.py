@@ -123,15 +123,19 @@ def test_attention_through_int8_cache():
     def rounded(x):
         return dequantize_int8(*quantize_int8(x), torch.float32)
 
-    exact = torch.cat([
-        _attention_oracle(q[:1], k_all[0], v_all[0], hist_a, scale),
-        _attention_oracle(q[1:], k_all[1], v_all[1], hist_b, scale),
-    ])
+    exact = torch.cat(
+        [
+            _attention_oracle(q[:1], k_all[0], v_all[0], hist_a, scale),
+            _attention_oracle(q[1:], k_all[1], v_all[1], hist_b, scale),
+        ]
+    )
     # every K/V this batch reads goes through the int8 cache (decode and a chunk with a cached prefix)
-    quantized = torch.cat([
-        _attention_oracle(q[:1], rounded(k_all[0]), rounded(v_all[0]), hist_a, scale),
-        _attention_oracle(q[1:], rounded(k_all[1]), rounded(v_all[1]), hist_b, scale),
-    ])
+    quantized = torch.cat(
+        [
+            _attention_oracle(q[:1], rounded(k_all[0]), rounded(v_all[0]), hist_a, scale),
+            _attention_oracle(q[1:], rounded(k_all[1]), rounded(v_all[1]), hist_b, scale),
+        ]
+    )
     torch.testing.assert_close(outs["fp32"], exact, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["int8"], quantized, atol=1e-5, rtol=1e-5)
     err = (outs["int8"] - exact).abs().max().item()

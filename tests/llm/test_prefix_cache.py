@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from oracle import random_prompts, save_hf, tiny_llm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from oracle import random_prompts, save_hf, tiny_llm
 from rtp_mm import GenerateConfig
 
 GREEDY = GenerateConfig(max_new_tokens=16, top_k=1, ignore_eos=True)
@@ -70,7 +70,8 @@ def test_no_block_leaks_after_200_mixed_requests(tmp_path):
     cfgs = [GenerateConfig(max_new_tokens=int(torch.randint(1, 12, (1,), generator=g)), top_k=1) for _ in prompts]
     with tiny_llm(path, "llama", reuse_cache=True, kv_cache_blocks=64, max_seq_len=128) as llm:
         for start in range(0, 200, 25):
-            reqs = [llm.make_request(p, c) for p, c in zip(prompts[start : start + 25], cfgs[start : start + 25])]
+            chunk = zip(prompts[start : start + 25], cfgs[start : start + 25], strict=True)
+            reqs = [llm.make_request(p, c) for p, c in chunk]
             outs = llm.run_requests(reqs)
             assert all(o.finished for o in outs)
         stats = llm.stats()
