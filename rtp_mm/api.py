@@ -110,7 +110,12 @@ class LLM:
         self.device = engine_config.device
         self.dtype, self.weight_storage_dtype = resolve_dtypes(model_config, self.device)
         self.loaded: LoadedModel = load_model(
-            info.family, info.name, model_config.ckpt_path, self.dtype, self.device
+            info.family,
+            info.name,
+            model_config.ckpt_path,
+            self.dtype,
+            self.device,
+            num_load_processes=engine_config.load_ckpt_num_process,
         )
         if self.weight_storage_dtype is not None:
             use_half_weights(self.loaded.model, self.weight_storage_dtype)

@@ -57,7 +57,8 @@ def _read_shard(file: Path, format: str, names: list[str]) -> _PackedShard:
     for _, tensor in tensors:
         offsets.append(total)
         total += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
-    buffer = torch.empty(total, dtype=torch.uint8).share_memory_()
+    # Allocated in shared memory directly: tensor.share_memory_() would copy a private buffer into a shared one.
+    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(total))
     for (_, tensor), offset in zip(tensors, offsets, strict=True):
         nbytes = tensor.numel() * tensor.element_size()
         buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
