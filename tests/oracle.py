@@ -14,6 +14,54 @@ def save_hf(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+TINY_LLAMA = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+TINY_QWEN2 = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_llama(path: Path | None = None, seed: int = 1, **overrides):
+    """A tiny random HF LlamaForCausalLM (GQA by default), saved to ``path`` when given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+    if path is not None:
+        save_hf(model, path)
+    return model
+
+
+def tiny_qwen2(path: Path | None = None, seed: int = 2, bias_std: float = 0.5, **overrides):
+    """A tiny random HF Qwen2ForCausalLM whose q/k/v biases are non-zero (random init leaves them at zero)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**TINY_QWEN2, **overrides})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, bias_std)
+    if path is not None:
+        save_hf(model, path)
+    return model
+
+
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from oracle import random_prompts, save_hf, tiny_llm
+from oracle import random_prompts, tiny_llama, tiny_llm, tiny_qwen2
 from rtp_mm import GenerateConfig
 from rtp_mm.kernels.attention import Int8KVCache
 from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
@@ -21,38 +20,13 @@ INIT_RANGE = 0.1
 
 
 def _llama(tmp_path):
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=INIT_RANGE,
-    )
-    return save_hf(LlamaForCausalLM(cfg).eval(), tmp_path / "llama"), "llama", 320
+    tiny_llama(tmp_path / "llama", initializer_range=INIT_RANGE)
+    return tmp_path / "llama", "llama", 320
 
 
 def _qwen2(tmp_path):
-    torch.manual_seed(2)
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=INIT_RANGE,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():  # random init leaves the qkv biases at zero: make them matter (a K offset per channel)
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    return save_hf(model, tmp_path / "qwen2"), "qwen_2", 300
+    tiny_qwen2(tmp_path / "qwen2", initializer_range=INIT_RANGE)
+    return tmp_path / "qwen2", "qwen_2", 300
 
 
 @pytest.mark.parametrize("build", [_llama, _qwen2], ids=["llama_gqa", "qwen2"])

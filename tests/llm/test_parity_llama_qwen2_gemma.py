@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import GemmaConfig, GemmaForCausalLM
 
-from oracle import check_parity, random_prompts, save_hf, tiny_llm
+from oracle import check_parity, random_prompts, save_hf, tiny_llama, tiny_llm, tiny_qwen2
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
 
@@ -26,20 +26,11 @@ ROPE_CASES = {
 
 
 def _llama(tmp_path, tie: bool, kv_heads: int, rope: dict | None, max_pos: int = 256):
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=tie,
-        rope_scaling=rope,
+    path = tmp_path / "llama"
+    model = tiny_llama(
+        path, num_key_value_heads=kv_heads, max_position_embeddings=max_pos, tie_word_embeddings=tie, rope_scaling=rope
     )
-    model = LlamaForCausalLM(cfg).eval()
-    return model, save_hf(model, tmp_path / "llama")
+    return model, path
 
 
 @pytest.mark.parametrize("tie,kv_heads", [(False, 2), (True, 4), (False, 1)])
@@ -62,24 +53,8 @@ def test_llama_rope_scaling(tmp_path, kind):
 
 
 def test_qwen2(tmp_path):
-    torch.manual_seed(2)
-    cfg = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
-    # random init leaves biases at zero: make them matter
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    path = save_hf(model, tmp_path / "qwen2")
+    path = tmp_path / "qwen2"
+    model = tiny_qwen2(path)
     with tiny_llm(path, "qwen_2") as llm:
         prompts = random_prompts(300, LENGTHS, seed=3)
         check_parity(llm, model, prompts[:1])

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from oracle import random_prompts, save_hf, tiny_llm
+from oracle import random_prompts, tiny_llama, tiny_llm
 from rtp_mm import GenerateConfig
 
 GREEDY = GenerateConfig(max_new_tokens=16, top_k=1, ignore_eos=True)
 
 
 def _model(tmp_path):
-    torch.manual_seed(5)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return save_hf(LlamaForCausalLM(cfg).eval(), tmp_path / "llama")
+    path = tmp_path / "llama"
+    tiny_llama(path, seed=5, max_position_embeddings=512)
+    return path
 
 
 def test_shared_prefix_is_reused_and_output_identical(tmp_path):
