@@ -110,3 +110,14 @@ def test_request_errors(default_llm):
     wait_all_blocks_free(default_llm)
     # the engine still serves
     assert default_llm.generate("hi", GenerateConfig(max_new_tokens=2, top_k=1))[0].aux_info["output_len"] == 2
+
+
+def test_kv_cache_too_small_states_the_minimum(tmp_path):
+    from oracle import tiny_llama
+    from rtp_mm import LLM, ModelConfig
+    from rtp_mm.errors import ConfigError
+
+    tiny_llama(tmp_path / "m")
+    cfg = ModelConfig(model_type="llama", ckpt_path=str(tmp_path / "m"), weight_type="FP32", max_seq_len=1 << 20)
+    with pytest.raises(ConfigError, match=r"KV_CACHE_MEM_MB=1 gives \d+ KV blocks .* set KV_CACHE_MEM_MB >= \d+"):
+        LLM(cfg, kv_cache_mem_mb=1, skip_tokenizer_init=True)
