@@ -190,6 +190,7 @@ def run_rtp(w: Workload, phases: str, weight_type: str, kv_cache_mb: int) -> dic
     start = time.perf_counter()
     llm = LLM(ModelConfig(weight_type=weight_type), kv_cache_mem_mb=kv_cache_mb, reuse_cache=False)
     result: dict[str, Any] = {"metrics": {"load_s": time.perf_counter() - start, "rss_loaded_mb": _rss_now_mb()}}
+    _log(f"rtp-mm {weight_type} loaded in {result['metrics']['load_s']:.0f} s; running {phases}")
     try:
         llm.generate([w.decode_prompt], _greedy(w.warmup_new_tokens))
         if "a" in phases:
@@ -275,6 +276,7 @@ def run_hf(w: Workload, phases: str) -> dict[str, Any]:
     result: dict[str, Any] = {"metrics": {"load_s": time.perf_counter() - start, "rss_loaded_mb": _rss_now_mb()}}
     pad_id = model.generation_config.pad_token_id
     pad_id = pad_id if pad_id is not None else model.config.eos_token_id
+    _log(f"HF loaded in {result['metrics']['load_s']:.0f} s; running {phases}")
     _hf_generate(model, [w.decode_prompt], w.warmup_new_tokens, pad_id)
     if "a" in phases:
         t = _hf_single(model, w.decode_prompt, w.decode_new_tokens, pad_id)
@@ -479,9 +481,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from rtp_mm.config import WeightType
     from rtp_mm.default_model import default_model_path
+    from rtp_mm.errors import RtpMmError
     from rtp_mm.tokenizer import load_tokenizer
 
-    weight_types = [WeightType.parse(s, "--weight-types").value for s in args.weight_types.split(",") if s.strip()]
+    try:
+        weight_types = [WeightType.parse(s, "--weight-types").value for s in args.weight_types.split(",") if s.strip()]
+    except RtpMmError as e:
+        parser.error(e.message)
     # The same loader LLM uses for llm.tokenizer; loaded once here, so the workers get token ids only.
     workload = build_workload(load_tokenizer(str(default_model_path())), args.quick, args.seed)
     load_avg = os.getloadavg()

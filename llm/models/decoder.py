@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.kernels.attention import AttnMetadata, KVCache, paged_attention
-from rtp_mm.kernels.linear import half_weight_linear
+from rtp_mm.kernels.linear import half_weight_linear, int8_weight_linear
 from rtp_mm.llm.models.rope import RopeSpec, RotaryEmbedding
 
 
@@ -242,6 +242,8 @@ class Decoder(nn.Module):
         if not self.spec.tie_word_embeddings:
             return self.lm_head(hidden).float()
         weight = self.embed.weight
+        if weight.dtype == torch.int8:  # int8 weight storage: the table's per-row scales are the head's per channel
+            return int8_weight_linear(hidden, weight, self.embed.scale).float()
         if weight.dtype != hidden.dtype:  # half-precision weight storage
             return half_weight_linear(hidden, weight).float()
         return F.linear(hidden, weight).float()

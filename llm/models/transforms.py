@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rtp_mm.kernels.linear import HalfWeightLinear
+from rtp_mm.kernels.linear import HalfWeightLinear, Int8WeightEmbedding, Int8WeightLinear
 from rtp_mm.llm.models.decoder import Decoder
 
 
@@ -18,4 +18,24 @@ def use_half_weights(model: Decoder, weight_dtype: torch.dtype = torch.float16) 
             if type(child) is nn.Linear:
                 setattr(module, name, HalfWeightLinear(child, weight_dtype))
     model.embed.weight = nn.Parameter(model.embed.weight.detach().to(weight_dtype), requires_grad=False)
+    return model
+
+
+def quantize_int8_weights(model: Decoder, quantize_embedding: bool = True) -> Decoder:
+    """WEIGHT_TYPE=INT8, in place: every nn.Linear (projections and an untied LM head) becomes an Int8WeightLinear
+    (symmetric per-output-channel int8, quantized here, so any checkpoint format works). Norms, biases, learned
+    position embeddings and the KV cache keep the activation dtype, and so do all activations.
+
+    The token embedding becomes an Int8WeightEmbedding (rows dequantized to the activation dtype on lookup) unless
+    ``quantize_embedding`` is False. It is the largest matrix of small models and, when tied, also the LM head:
+    SmolLM2-135M's table is 21% of its weights, so a float32 table would leave the model at 0.41x its fp32 bytes
+    instead of 0.25x, and its int8 head projection runs ~2x faster on CPU than the fp32 one
+    (``rtp_mm.kernels.linear``). Decoder.compute_logits projects a tied head with the int8 table directly.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8WeightLinear(child))
+    if quantize_embedding:
+        model.embed = Int8WeightEmbedding(model.embed)
     return model
