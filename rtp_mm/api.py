@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
-from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest, NotImplementedYetError
+from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.generate_config import GenerateConfig
@@ -31,7 +31,8 @@ from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.scheduler import Scheduler
 from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.models.load import LoadedModel, load_model
-from rtp_mm.llm.models.transforms import use_half_weights
+from rtp_mm.llm.models.packing import can_pack, pack_linears
+from rtp_mm.llm.models.transforms import quantize_int8_weights, use_half_weights
 from rtp_mm.model_types import check_model_type_matches, detect_model_type, read_config_json, resolve_model_type
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ class LLM:
         engine_config = dataclasses.replace(engine_config or EngineConfig(), **engine_overrides)
         model_config = _resolve_paths(model_config)
         info = resolve_model_type(model_config.model_type)
-        if model_config.weight_type is WeightType.INT8:
-            raise NotImplementedYetError("WEIGHT_TYPE=INT8 (weight-only int8) is not implemented yet")
         if info.vision:
             logger.warning("%s: serving the text part only; the vision encoder is not implemented yet", info.name)
         self.model_config = model_config
@@ -117,8 +116,7 @@ class LLM:
             self.device,
             num_load_processes=engine_config.load_ckpt_num_process,
         )
-        if self.weight_storage_dtype is not None:
-            use_half_weights(self.loaded.model, self.weight_storage_dtype)
+        self._apply_weight_transforms(model_config)
         spec = self.loaded.model.spec
         self.max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
         self.tokenizer = None
@@ -145,9 +143,24 @@ class LLM:
         self.engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
         self._loop = EngineLoop(self.engine)
         logger.info(
-            "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, dtype %s",
-            info.name, num_blocks, block_size, num_blocks * block_size, self.max_seq_len, self.dtype,
+            "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, activations %s, weights %s",
+            info.name, num_blocks, block_size, num_blocks * block_size, self.max_seq_len, self.dtype, self.weight_path,
         )
+
+    def _apply_weight_transforms(self, model_config: ModelConfig) -> None:
+        """Weight storage and kernels as transformations of the built model (the decoder maths never branches)."""
+        model = self.loaded.model
+        if model_config.weight_type is WeightType.INT8:
+            quantize_int8_weights(model)  # weight-only per-channel int8, quantized here from any checkpoint format
+            self.weight_path = "int8 weight-only"
+        elif self.weight_storage_dtype is not None:
+            use_half_weights(model, self.weight_storage_dtype)
+            self.weight_path = f"{self.weight_storage_dtype} weights"
+        elif can_pack(model):
+            pack_linears(model)
+            self.weight_path = "fp32, oneDNN packed GEMM"
+        else:
+            self.weight_path = str(self.dtype)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> LLM:

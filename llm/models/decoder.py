@@ -191,6 +191,7 @@ class Decoder(nn.Module):
         self.norm = make_norm(spec)
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+        self.tied_head: nn.Module | None = None  # set by weight transforms that need their own head copy
         # Plain attribute (the model is built on the meta device; these slopes must stay real).
         self.alibi = alibi_slopes(spec.num_heads) if spec.position == "alibi" else None
 
@@ -241,6 +242,8 @@ class Decoder(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         if not self.spec.tie_word_embeddings:
             return self.lm_head(hidden).float()
+        if self.tied_head is not None:  # a kernel-specific copy of the tied table (see llm/models/packing.py)
+            return self.tied_head(hidden).float()
         weight = self.embed.weight
         if weight.dtype == torch.int8:  # int8 weight storage: the table's per-row scales are the head's per channel
             return int8_weight_linear(hidden, weight, self.embed.scale).float()

@@ -16,12 +16,13 @@ def can_pack(model: Decoder) -> bool:
     return onednn_available() and model.norm.weight.device.type == "cpu" and model.act_dtype == torch.float32
 
 
-def pack_linears(model: Decoder, keep_plain: bool = True) -> Decoder:
-    """Replace fp32 nn.Linear layers by PackedLinear; a tied LM head gets its own packed copy of the embedding."""
+def pack_linears(model: Decoder) -> Decoder:
+    """Replace fp32 nn.Linear layers by PackedLinear. A tied LM head gets a packed copy of the embedding table (the
+    table itself stays for lookups): the head is the largest matrix of small models and gains most."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.weight.dtype == torch.float32:
-                setattr(module, name, PackedLinear.from_linear(child, keep_plain))
+                setattr(module, name, PackedLinear.from_linear(child))
     if model.spec.tie_word_embeddings and model.embed.weight.dtype == torch.float32:
-        model.tied_head = PackedLinear(model.embed.weight, None, keep_plain=keep_plain)
+        model.tied_head = PackedLinear(model.embed.weight, None)
     return model

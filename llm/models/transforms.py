@@ -39,3 +39,13 @@ def quantize_int8_weights(model: Decoder, quantize_embedding: bool = True) -> De
     if quantize_embedding:
         model.embed = Int8WeightEmbedding(model.embed)
     return model
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a model keeps resident: every distinct parameter/buffer storage (a tied table counts
+    once) plus tensors that kernels hold outside the parameter system (e.g. oneDNN-packed weights)."""
+    total: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        total[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    extra = sum(m.extra_weight_bytes() for m in model.modules() if hasattr(m, "extra_weight_bytes"))
+    return sum(total.values()) + extra

@@ -1,9 +1,4 @@
-"""WEIGHT_TYPE=INT8 (quantize_int8_weights): weight-only per-output-channel int8 applied to a built model.
-
-Until rtp_mm.api wires WEIGHT_TYPE=INT8, these tests build an FP32 LLM and quantize its model in place before the
-first generation (``_int8_llm``); the engine holds the same Decoder object, so it then runs the int8 layers. Once
-wired, ``_int8_llm`` becomes ``LLM(ModelConfig(weight_type="INT8"), ...)``.
-"""
+"""WEIGHT_TYPE=INT8 (quantize_int8_weights): weight-only per-output-channel int8 applied to a built model."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ from torch import nn
 from oracle import check_parity, random_prompts, tiny_llama, tiny_llm, tiny_qwen2
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.kernels.linear import Int8WeightEmbedding, Int8WeightLinear
-from rtp_mm.llm.models.transforms import quantize_int8_weights
+from rtp_mm.llm.models.transforms import quantize_int8_weights, resident_weight_bytes
 
 CHATS = [
     "What is the capital of France?",
@@ -26,16 +21,7 @@ CHATS = [
 
 
 def _int8_llm(**kwargs) -> LLM:
-    llm = LLM(ModelConfig(weight_type="FP32"), **kwargs)
-    quantize_int8_weights(llm.loaded.model)
-    return llm
-
-
-def _resident_bytes(model: nn.Module) -> int:
-    """Bytes of every distinct parameter/buffer storage (a tied table counts once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.parameters()}
-    storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.buffers()})
-    return sum(storages.values())
+    return LLM(ModelConfig(weight_type="INT8"), **kwargs)
 
 
 @torch.no_grad()
@@ -56,8 +42,11 @@ def _fake_quantize_(hf_model: nn.Module, quantize_embedding: bool) -> None:
     "model_type, tied, quantize_embedding",
     [("llama", True, True), ("llama", True, False), ("qwen_2", False, True), ("qwen_2", False, False)],
 )
-def test_tiny_model_matches_fake_quantized_hf(tmp_path: Path, model_type: str, tied: bool, quantize_embedding: bool):
+def test_tiny_model_matches_fake_quantized_hf(
+    tmp_path: Path, model_type: str, tied: bool, quantize_embedding: bool, monkeypatch
+):
     """Greedy tokens and top-5 logprobs equal HF's on the same model with int8-rounded weights (qwen2: biases)."""
+    monkeypatch.setattr("rtp_mm.api.can_pack", lambda model: False)  # keep nn.Linear layers for the transform
     build = tiny_llama if model_type == "llama" else tiny_qwen2
     hf = build(tmp_path, tie_word_embeddings=tied)
     with tiny_llm(tmp_path, model_type) as llm:
@@ -70,7 +59,7 @@ def test_tiny_model_matches_fake_quantized_hf(tmp_path: Path, model_type: str, t
         check_parity(llm, hf, random_prompts(hf.config.vocab_size, [5, 12]), max_new_tokens=12)
 
 
-def test_default_model_int8_stays_close_to_fp32(default_llm):
+def test_default_model_int8_stays_close_to_fp32(default_llm, default_hf_model):
     """The real default model (SmolLM2-135M, tied head): the same first greedy tokens as fp32, chosen-token logprobs
     within 0.05 on average where the prefixes agree (measured 0.036), and about a quarter of the fp32 weight bytes
     (measured 0.252). ~25 s here, under the 60 s bar for ``slow``."""
@@ -78,7 +67,8 @@ def test_default_model_int8_stays_close_to_fp32(default_llm):
     prompts = [default_llm.chat_ids([{"role": "user", "content": c}]) for c in CHATS]
     ref = default_llm.generate(prompts, cfg)
     with _int8_llm(kv_cache_mem_mb=128) as llm8:
-        assert _resident_bytes(llm8.loaded.model) <= 0.3 * _resident_bytes(default_llm.loaded.model)
+        fp32_bytes = 4 * sum(p.numel() for p in default_hf_model.parameters())  # the plain fp32 weights
+        assert resident_weight_bytes(llm8.loaded.model) <= 0.3 * fp32_bytes
         outs = llm8.generate(prompts, cfg)
     diffs = []
     for r, q in zip(ref, outs, strict=True):
