@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; same result in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same result as below in fp32
         # Normalise in float32 like the reference implementations, then scale in the model dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -112,13 +112,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         spec = self.spec
-        q, k, v = self.qkv(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        q = q.view(-1, spec.num_heads, spec.head_dim)
-        k = k.view(-1, spec.num_kv_heads, spec.head_dim)
-        v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        qkv = self.qkv(x).view(-1, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        qk, v = qkv.split([spec.num_heads + spec.num_kv_heads, spec.num_kv_heads], dim=1)
         if self.rotary is not None:
-            q = self.rotary.apply(q, ctx.cos, ctx.sin)
-            k = self.rotary.apply(k, ctx.cos, ctx.sin)
+            qk = self.rotary.apply(qk, ctx.cos, ctx.sin)  # q and k heads rotated in one pass
+        q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
         if ctx.logn is not None:
             q = q * ctx.logn[:, None, None].to(q.dtype)
         out = paged_attention(q, k, v, cache, ctx.meta, self.scale, ctx.alibi_slopes)
