@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracle import hf_greedy
+from oracle import assert_close_to_reference, hf_greedy
 from rtp_mm import GenerateConfig
 
 CHATS = [
@@ -55,9 +55,4 @@ def test_half_weight_storage_stays_close_to_fp32(default_llm, default_hf_model):
         prompts = [default_llm.chat_ids(chat) for chat in CHATS]
         ref = default_llm.generate(prompts, cfg)
         half = llm16.generate(prompts, cfg)
-        diffs = []
-        for r, h in zip(ref, half, strict=True):
-            assert h.token_ids[:8] == r.token_ids[:8]
-            same = [i for i in range(32) if h.token_ids[: i + 1] == r.token_ids[: i + 1]]
-            diffs += [abs(h.logprobs[i][h.token_ids[i]] - r.logprobs[i][r.token_ids[i]]) for i in same]
-        assert sum(diffs) / len(diffs) < 0.05
+        assert_close_to_reference(ref, half, same_prefix=8, max_mean_diff=0.05)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from oracle import check_parity, random_prompts, tiny_llama, tiny_llm, tiny_qwen2
+from oracle import assert_close_to_reference, check_parity, random_prompts, tiny_llama, tiny_llm, tiny_qwen2
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.kernels.linear import Int8WeightEmbedding, Int8WeightLinear
 from rtp_mm.llm.models.transforms import quantize_int8_weights, resident_weight_bytes
@@ -70,9 +70,4 @@ def test_default_model_int8_stays_close_to_fp32(default_llm, default_hf_model):
         fp32_bytes = 4 * sum(p.numel() for p in default_hf_model.parameters())  # the plain fp32 weights
         assert resident_weight_bytes(llm8.loaded.model) <= 0.3 * fp32_bytes
         outs = llm8.generate(prompts, cfg)
-    diffs = []
-    for r, q in zip(ref, outs, strict=True):
-        assert q.token_ids[:8] == r.token_ids[:8]
-        same = [i for i in range(32) if q.token_ids[: i + 1] == r.token_ids[: i + 1]]
-        diffs += [abs(q.logprobs[i][q.token_ids[i]] - r.logprobs[i][r.token_ids[i]]) for i in same]
-    assert sum(diffs) / len(diffs) < 0.05
+    assert_close_to_reference(ref, outs, same_prefix=8, max_mean_diff=0.05)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from oracle import tiny_llama
 from rtp_mm.errors import CheckpointError, ConfigError
 from rtp_mm.llm.loader import ShardedCheckpoint, open_checkpoint, parallel
 from rtp_mm.llm.loader.parallel import auto_num_processes, iter_tensors_parallel
@@ -43,18 +43,9 @@ def _to_bin(src: Path, dst: Path, dtype: torch.dtype) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    model = tiny_llama(seed=0, vocab_size=256, intermediate_size=128, tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("sharded")
-    LlamaForCausalLM(cfg).save_pretrained(str(root / "safetensors"), max_shard_size="100KB")
+    model.save_pretrained(str(root / "safetensors"), max_shard_size="100KB")
     # bf16 shards: packing must keep 2-byte tensors exact too
     return {"safetensors": root / "safetensors", "bin": _to_bin(root / "safetensors", root / "bin", torch.bfloat16)}
 

@@ -12,10 +12,10 @@ import socket
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from oracle import tiny_llama
 from rtp_mm import LLM, EngineConfig, GenerateConfig, ModelConfig, Settings
 from rtp_mm.config import ServerConfig
 from rtp_mm.errors import ConfigError, EngineDead
@@ -53,17 +53,7 @@ def _save_tokenizer(path: Path) -> None:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SLOW_MAX_SEQ_LEN,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(path))
+    tiny_llama(path, seed=0, max_position_embeddings=SLOW_MAX_SEQ_LEN)
     _save_tokenizer(path)
     return path
 
