@@ -23,10 +23,10 @@ a real decode step (with cache-hot weights fp32 wins the small shapes by ~2x ins
     1536->576           16      900            14825                 942                 698            694
     576->49152          16    50983           (>400000)           181672               65304          23294
 
-("chunked" upcasts INT8_CHUNK_ELEMS at a time: one block for every shape but gate_up and the head.)
+("chunked" upcasts UPCAST_CHUNK_ELEMS at a time: one block for every shape but gate_up and the head.)
 ``torch._weight_int8pack_mm`` has no fast kernel for this CPU (2-30x slower than fp32), and upcasting a whole large
 matrix costs a fresh multi-MB allocation per call. So on CPU with fp32 activations the int8 matrix is upcast without
-its scale (exact: |q| <= 127), multiplied, and the output scaled per channel; a matrix over INT8_CHUNK_ELEMS is
+its scale (exact: |q| <= 127), multiplied, and the output scaled per channel; a matrix over UPCAST_CHUNK_ELEMS is
 upcast one block of output channels at a time into a cache-sized scratch buffer, which beats fp32 because it reads a
 quarter of the bytes from DRAM. All 121 projections of SmolLM2-135M in a row (one decode step without attention):
 fp32 56 ms -> int8 43 ms at 1 row, 150 -> 124 ms at 16 rows. With 2 threads on this oversubscribed machine every
@@ -45,8 +45,9 @@ from rtp_mm.kernels.attention import quantize_int8
 
 # Up to this many rows the fp16 GEMV path is used.
 HALF_GEMV_MAX_ROWS = 4
-# Int8 matrices with more elements than this are upcast block by block (4 MB fp32 scratch, fits the L3 cache).
-INT8_CHUNK_ELEMS = 1 << 20
+# Narrow matrices (int8, or half precision at more than HALF_GEMV_MAX_ROWS rows) with more elements than this are
+# upcast block by block (4 MB fp32 scratch, fits the L3 cache).
+UPCAST_CHUNK_ELEMS = 1 << 20
 
 
 def half_weight_linear(
@@ -57,7 +58,12 @@ def half_weight_linear(
     if x.shape[0] <= HALF_GEMV_MAX_ROWS:
         out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
         return out if bias is None else out + bias
-    return F.linear(x, weight.to(x.dtype), bias)
+    if weight.numel() <= UPCAST_CHUNK_ELEMS or x.device.type != "cpu":
+        return F.linear(x, weight.to(x.dtype), bias)
+    # Upcasting a large matrix whole costs a fresh allocation per call (the 49152x576 LM head at 16 rows: ~135 ms
+    # against ~25 ms chunked, one thread).
+    out = _chunked_upcast_linear(x, weight)
+    return out if bias is None else out + bias
 
 
 class HalfWeightLinear(nn.Module):
@@ -94,18 +100,18 @@ def int8_weight_linear(
 ) -> torch.Tensor:  # [rows, out] activation dtype
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
-    if weight.numel() <= INT8_CHUNK_ELEMS:
+    if weight.numel() <= UPCAST_CHUNK_ELEMS:
         out = F.linear(x, weight.to(x.dtype)) * scale
     else:
-        out = _chunked_int8_linear(x, weight, scale)
+        out = _chunked_upcast_linear(x, weight, scale)
     return out if bias is None else out + bias
 
 
-def _chunked_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (weight * scale).T, upcasting INT8_CHUNK_ELEMS of the weight at a time into one reused scratch buffer, so
-    the int8 matrix is streamed once and never materialised in fp32."""
+def _chunked_upcast_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * scale).T for a narrow (int8 or half) ``weight``, upcasting UPCAST_CHUNK_ELEMS of it at a time into
+    one reused scratch buffer, so the matrix is streamed once and never materialised in the activation dtype."""
     out_features, in_features = weight.shape
-    block_rows = max(1, INT8_CHUNK_ELEMS // in_features)
+    block_rows = max(1, UPCAST_CHUNK_ELEMS // in_features)
     scratch = torch.empty(min(block_rows, out_features), in_features, dtype=x.dtype)
     out_t = torch.empty(out_features, x.shape[0], dtype=x.dtype)  # [out, rows]: each block's rows are contiguous
     x_t = x.t()
@@ -113,7 +119,9 @@ def _chunked_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Ten
         end = min(start + block_rows, out_features)
         block = scratch[: end - start].copy_(weight[start:end])
         torch.mm(block, x_t, out=out_t[start:end])
-    return out_t.mul_(scale[:, None]).t().contiguous()
+    if scale is not None:
+        out_t.mul_(scale[:, None])
+    return out_t.t().contiguous()
 
 
 class Int8WeightLinear(nn.Module):

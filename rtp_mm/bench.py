@@ -1,6 +1,6 @@
 """``rtp-mm bench``: rtp-mm against HF transformers ``generate`` on the same weights, in one run.
 
-    python -m rtp_mm.bench                       # rtp-mm FP32 and FP16 weights vs HF fp32, all workloads
+    python -m rtp_mm.bench                       # rtp-mm FP32, FP16, INT8 weights and FP32 + INT8 KV vs HF fp32
     python -m rtp_mm.bench --quick --skip-hf --only a,c --output BENCHMARKS.md
 
 Workloads (all greedy with EOS ignored, so every system generates exactly the same number of tokens):
@@ -9,6 +9,11 @@ Workloads (all greedy with EOS ignored, so every system generates exactly the sa
       rtp-mm runs them with continuous batching; HF runs static left-padded batches of 16 in arrival order, each
       until its longest request ends.
   (c) time to first token of one 150-token prompt, median of 3.
+  KV capacity (every rtp-mm system): KV blocks in KV_CACHE_MEM_MB and how many sequences of workload (b)'s longest
+      request (prompt + max_new_tokens) fit in them at once: what the scheduler can admit concurrently.
+
+The lossy memory modes (INT8 weights, INT8 KV cache) run only ``--lossy-phases`` (default a,c) to keep one run under
+ten minutes on two cores; FP32 and FP16 weights run every workload.
 
 The parent builds the workload once (token ids, so both systems see identical inputs) and runs each system in its
 own ``--worker`` subprocess, so peak RSS is per system and no system inherits another's caches or allocator state.
@@ -60,6 +65,11 @@ class Workload:
     ttft_repeats: int
     seed: int
 
+    @property
+    def longest_request(self) -> int:
+        """Tokens of workload (b)'s longest request (prompt + max_new_tokens): the KV capacity rows count these."""
+        return max(len(p) + n for p, n in zip(self.serve_prompts, self.serve_new_tokens, strict=True))
+
     def describe(self, phases: str = "abc") -> str:
         lens = [len(p) for p in self.serve_prompts]
         parts = {
@@ -72,6 +82,10 @@ class Workload:
             "c": f"(c) {len(self.ttft_prompt)}-token prompt, 1 new token, median of {self.ttft_repeats}.",
         }
         chosen = " ".join(text for key, text in parts.items() if key in phases)
+        chosen += (
+            f" KV capacity: sequences of {self.longest_request} tokens (workload (b)'s longest request) "
+            "that fit in the KV cache at once."
+        )
         return f"{chosen} All greedy with EOS ignored, after one {self.warmup_new_tokens}-token warm-up per system."
 
 
@@ -184,13 +198,51 @@ async def _rtp_serve(llm: Any, w: Workload) -> list[RequestTiming]:
     return list(await asyncio.gather(*(one(p, n) for p, n in zip(w.serve_prompts, w.serve_new_tokens, strict=True))))
 
 
-def run_rtp(w: Workload, phases: str, weight_type: str, kv_cache_mb: int) -> dict[str, Any]:
+INT8_KV_SUFFIX = "+INT8KV"
+
+
+class SystemSpec(NamedTuple):
+    """One rtp-mm column: a WEIGHT_TYPE, optionally with INT8_KV_CACHE=1 (written ``FP32+INT8KV``)."""
+
+    weight_type: str
+    int8_kv: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> SystemSpec:
+        from rtp_mm.config import WeightType
+
+        name = text.strip().upper()
+        int8_kv = name.endswith(INT8_KV_SUFFIX)
+        weight = WeightType.parse(name.removesuffix(INT8_KV_SUFFIX), "--weight-types").value
+        return cls(weight, int8_kv)
+
+    @property
+    def lossy(self) -> bool:
+        return self.int8_kv or self.weight_type == "INT8"
+
+    def __str__(self) -> str:
+        return self.weight_type + (INT8_KV_SUFFIX if self.int8_kv else "")
+
+
+def kv_capacity_metrics(llm: Any, seq_len: int) -> dict[str, float]:
+    bm = llm.engine.block_manager
+    return {"kv_blocks": bm.num_blocks, "kv_max_seqs": bm.num_blocks // bm.blocks_needed(seq_len)}
+
+
+def run_rtp(w: Workload, phases: str, system: SystemSpec, kv_cache_mb: int) -> dict[str, Any]:
     from rtp_mm import LLM, ModelConfig
 
     start = time.perf_counter()
-    llm = LLM(ModelConfig(weight_type=weight_type), kv_cache_mem_mb=kv_cache_mb, reuse_cache=False)
+    llm = LLM(
+        ModelConfig(weight_type=system.weight_type),
+        kv_cache_mem_mb=kv_cache_mb,
+        reuse_cache=False,
+        int8_kv_cache=system.int8_kv,
+    )
     result: dict[str, Any] = {"metrics": {"load_s": time.perf_counter() - start, "rss_loaded_mb": _rss_now_mb()}}
-    _log(f"rtp-mm {weight_type} loaded in {result['metrics']['load_s']:.0f} s; running {phases}")
+    result["metrics"].update(kv_capacity_metrics(llm, w.longest_request))
+    result["weight_path"] = llm.weight_path
+    _log(f"rtp-mm {system} loaded in {result['metrics']['load_s']:.0f} s ({llm.weight_path}); running {phases}")
     try:
         llm.generate([w.decode_prompt], _greedy(w.warmup_new_tokens))
         if "a" in phases:
@@ -230,12 +282,17 @@ def _hf_generate(model: Any, rows: list[list[int]], num_new: int, pad_id: int) -
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
     clock = _StepClock()
     out = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=num_new, min_new_tokens=num_new,
-        do_sample=False, pad_token_id=pad_id, streamer=clock,
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=num_new,
+        min_new_tokens=num_new,
+        do_sample=False,
+        pad_token_id=pad_id,
+        streamer=clock,
     )
     if out.shape[1] != width + num_new or len(clock.times) != num_new + 1:
         raise RuntimeError(f"HF generated {out.shape[1] - width} steps where {num_new} were asked")
@@ -254,25 +311,43 @@ def _hf_serve(model: Any, w: Workload, pad_id: int) -> list[RequestTiming]:
     for lo in range(0, len(w.serve_prompts), w.max_in_flight):
         batch = range(lo, min(lo + w.max_in_flight, len(w.serve_prompts)))
         submit = time.perf_counter()
-        _, clock = _hf_generate(model, [w.serve_prompts[i] for i in batch], max(w.serve_new_tokens[i] for i in batch),
-                                pad_id)
+        _, clock = _hf_generate(
+            model, [w.serve_prompts[i] for i in batch], max(w.serve_new_tokens[i] for i in batch), pad_id
+        )
         end = time.perf_counter()
         timings += [RequestTiming(arrival, submit, clock.times[1], end) for _ in batch]
     return timings
 
 
-def run_hf(w: Workload, phases: str) -> dict[str, Any]:
+def load_hf_default_model() -> Any:
+    """HF ``LlamaForCausalLM`` in fp32 holding the default GGUF's weights as rtp-mm's reader dequantizes them (the
+    same tensors as transformers' own GGUF loader, see tests/llm/test_default_model_parity.py, which takes ~25 s
+    longer here to produce them)."""
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from rtp_mm.default_model import default_model_path
+    from rtp_mm.llm.loader.gguf_reader import GGUFCheckpoint
+
+    with GGUFCheckpoint(default_model_path()) as ckpt:
+        config = ckpt.config()
+        state = dict(ckpt.iter_tensors())
+    hf_config = AutoConfig.for_model(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"HF model does not fit the checkpoint: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def run_hf(w: Workload, phases: str) -> dict[str, Any]:
+    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = default_model_path()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = load_hf_default_model()
     result: dict[str, Any] = {"metrics": {"load_s": time.perf_counter() - start, "rss_loaded_mb": _rss_now_mb()}}
     pad_id = model.generation_config.pad_token_id
     pad_id = pad_id if pad_id is not None else model.config.eos_token_id
@@ -304,12 +379,13 @@ def worker_main(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     w = Workload(**json.loads(Path(args.spec).read_text()))
-    result: dict[str, Any] = {"system": args.worker, "weight_type": args.weight_type}
+    system = SystemSpec.parse(args.weight_type)
+    result: dict[str, Any] = {"system": args.worker, "weight_type": system.weight_type, "int8_kv": system.int8_kv}
     try:
         if args.worker == "hf":
             result.update(run_hf(w, args.only))
         else:
-            result.update(run_rtp(w, args.only, args.weight_type, args.kv_cache_mb))
+            result.update(run_rtp(w, args.only, system, args.kv_cache_mb))
         result["metrics"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except Exception as e:  # reported in the table instead of losing the other systems' numbers
         result["error"] = f"{type(e).__name__}: {e}"
@@ -337,6 +413,8 @@ METRICS = (
     Metric("b_service_ttft_mean_s", "(b) TTFT mean s (in service)", "{:.2f}"),
     Metric("b_wall_s", "(b) wall time s", "{:.1f}"),
     Metric("c_ttft_ms", "(c) TTFT ms, 150-token prompt (median)", "{:.0f}"),
+    Metric("kv_blocks", "KV blocks in KV_CACHE_MEM_MB={kv_mb}", "{:.0f}"),
+    Metric("kv_max_seqs", "max concurrent {seq_len}-token sequences", "{:.0f}"),
     Metric("load_s", "model load s", "{:.1f}"),
     Metric("rss_loaded_mb", "RSS after load MiB", "{:.0f}"),
     Metric("peak_rss_mb", "peak RSS MiB", "{:.0f}"),
@@ -347,15 +425,32 @@ def system_label(result: dict[str, Any]) -> str:
     if result["system"] == "hf":
         return "HF fp32"
     wt = result["weight_type"].lower()
-    return f"rtp-mm {wt}" if wt == "fp32" else f"rtp-mm {wt}-weights"
+    label = f"rtp-mm {wt}" if wt == "fp32" else f"rtp-mm {wt}-weights"
+    return label + (" int8-KV" if result.get("int8_kv") else "")
 
 
-def run_worker(system: str, weight_type: str, spec: Path, args: argparse.Namespace) -> dict[str, Any]:
-    result_path = spec.with_name(f"result-{system}-{weight_type}.json")
-    cmd = [sys.executable, "-m", "rtp_mm.bench", "--worker", system, "--weight-type", weight_type, "--spec", str(spec),
-           "--result", str(result_path), "--only", args.only, "--threads", str(args.threads),
-           "--kv-cache-mb", str(args.kv_cache_mb)]
-    base = {"system": system, "weight_type": weight_type, "metrics": {}}
+def run_worker(system: str, spec_: SystemSpec, phases: str, spec: Path, args: argparse.Namespace) -> dict[str, Any]:
+    result_path = spec.with_name(f"result-{system}-{spec_}.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "rtp_mm.bench",
+        "--worker",
+        system,
+        "--weight-type",
+        str(spec_),
+        "--spec",
+        str(spec),
+        "--result",
+        str(result_path),
+        "--only",
+        phases,
+        "--threads",
+        str(args.threads),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+    ]
+    base = {"system": system, "weight_type": spec_.weight_type, "int8_kv": spec_.int8_kv, "metrics": {}}
     _log(f"running {system_label(base)} ...")
     start = time.perf_counter()
     try:
@@ -365,12 +460,15 @@ def run_worker(system: str, weight_type: str, spec: Path, args: argparse.Namespa
     if not result_path.exists():
         return base | {"error": f"worker exited with status {proc.returncode} and no result"}
     result = json.loads(result_path.read_text())
-    _log(f"{system_label(result)} done in {time.perf_counter() - start:.0f} s" + (
-        f": {result['error']}" if "error" in result else ""))
+    _log(
+        f"{system_label(result)} done in {time.perf_counter() - start:.0f} s"
+        + (f": {result['error']}" if "error" in result else "")
+    )
     return result
 
 
-def render_table(results: list[dict[str, Any]]) -> str:
+def render_table(results: list[dict[str, Any]], **label_values: Any) -> str:
+    """Markdown table, one column per system; ``label_values`` fill the placeholders of metric labels."""
     rtp = [r for r in results if r["system"] == "rtp"]
     hf = next((r for r in results if r["system"] == "hf"), None)
     header = ["metric", *(system_label(r) for r in results)]
@@ -381,7 +479,8 @@ def render_table(results: list[dict[str, Any]]) -> str:
         values = [r["metrics"].get(m.key) for r in results]
         if all(v is None for v in values):
             continue
-        row = [m.label, *(m.fmt.format(v) if v is not None else "-" for v in values)]
+        label = m.label.format(**label_values) if label_values else m.label
+        row = [label, *(m.fmt.format(v) if v is not None else "-" for v in values)]
         if hf is not None:
             base = hf["metrics"].get(m.key)
             for r in rtp:
@@ -424,9 +523,11 @@ def machine_info(results: list[dict[str, Any]], load_avg: tuple[float, float, fl
         pass
     threads = sorted({r["threads"] for r in results if "threads" in r})
     load = " / ".join(f"{x:.1f}" for x in load_avg)
-    return (f"{cpu}, {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, load average (1/5/15 min) at start {load}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"torch threads {'/'.join(map(str, threads)) or '?'}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, load average (1/5/15 min) at start {load}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"torch threads {'/'.join(map(str, threads)) or '?'}"
+    )
 
 
 def write_section(path: Path, section: str) -> None:
@@ -456,7 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke-test size: 16 requests, 32 new tokens")
     p.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
     p.add_argument("--only", default="a,b,c", help="workloads to run, comma-separated subset of a,b,c")
-    p.add_argument("--weight-types", default="FP32,FP16", help="rtp-mm WEIGHT_TYPEs, one column each")
+    p.add_argument(
+        "--weight-types",
+        default="FP32,FP16,INT8,FP32+INT8KV",
+        help="rtp-mm columns: WEIGHT_TYPEs, '+INT8KV' adds INT8_KV_CACHE=1",
+    )
+    p.add_argument("--lossy-phases", default="a,c", help="workloads run by INT8-weight and INT8-KV columns")
     p.add_argument("--output", help="markdown file whose '## rtp bench (text engine)' section is written/replaced")
     p.add_argument("--json", help="write every number (and the run's metadata) to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="torch threads per system (0: torch's default)")
@@ -479,47 +585,66 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
 
-    from rtp_mm.config import WeightType
     from rtp_mm.default_model import default_model_path
     from rtp_mm.errors import RtpMmError
     from rtp_mm.tokenizer import load_tokenizer
 
     try:
-        weight_types = [WeightType.parse(s, "--weight-types").value for s in args.weight_types.split(",") if s.strip()]
+        systems_wanted = [SystemSpec.parse(s) for s in args.weight_types.split(",") if s.strip()]
     except RtpMmError as e:
         parser.error(e.message)
+    lossy_phases = ",".join(p for p in phases if p in args.lossy_phases.split(","))
     # The same loader LLM uses for llm.tokenizer; loaded once here, so the workers get token ids only.
     workload = build_workload(load_tokenizer(str(default_model_path())), args.quick, args.seed)
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rtp-bench-") as tmp:
         spec = Path(tmp) / "workload.json"
         spec.write_text(json.dumps(asdict(workload)))
-        systems = [("rtp", wt) for wt in weight_types] + ([] if args.skip_hf else [("hf", "FP32")])
-        results = [run_worker(system, wt, spec, args) for system, wt in systems]
+        systems = [("rtp", sp, lossy_phases if sp.lossy else args.only) for sp in systems_wanted]
+        systems += [] if args.skip_hf else [("hf", SystemSpec("FP32"), args.only)]
+        results = [run_worker(system, sp, ph, spec, args) for system, sp, ph in systems if ph]
 
     command = "rtp-mm bench" + (f" {shlex.join(argv)}" if argv else "")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine_info(results, load_avg)
-    table = render_table(results)
+    table = render_table(results, kv_mb=args.kv_cache_mb, seq_len=workload.longest_request)
     extra = notes(results)
     print(table)
     for line in extra:
         print(line)
     if args.output:
         section = [
-            SECTION_HEADING, "", f"Command: `{command}`", "", f"Date: {date}", "", f"Machine: {machine}", "",
-            f"Workload: {workload.describe(args.only)}", "", table, "",
+            SECTION_HEADING,
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Date: {date}",
+            "",
+            f"Machine: {machine}",
+            "",
+            f"Workload: {workload.describe(args.only)}",
+            "",
+            table,
+            "",
         ]
         if not args.skip_hf:
             section.append("Ratios are rtp-mm / HF: above 1, rtp-mm is higher (better for tok/s, worse for times).")
         if "b" in phases:
-            section.append("(b) 'from arrival' counts from the moment all requests arrive (queueing included); "
-                           "'in service' from when a request is admitted (rtp-mm) or its batch starts (HF).")
+            section.append(
+                "(b) 'from arrival' counts from the moment all requests arrive (queueing included); "
+                "'in service' from when a request is admitted (rtp-mm) or its batch starts (HF)."
+            )
         section += ["", *(f"- {line}" for line in extra)] if extra else []
         write_section(Path(args.output), "\n".join(section))
     if args.json:
-        payload = {"command": command, "date": date, "machine": machine, "workload": workload.describe(args.only),
-                   "phases": phases, "systems": [{"label": system_label(r), **r} for r in results]}
+        payload = {
+            "command": command,
+            "date": date,
+            "machine": machine,
+            "workload": workload.describe(args.only),
+            "phases": phases,
+            "systems": [{"label": system_label(r), **r} for r in results],
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 1 if any("error" in r for r in results) else 0
 

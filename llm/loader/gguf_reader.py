@@ -209,11 +209,38 @@ class GGUFCheckpoint:
             if tensor.tensor_type == Q.BF16:  # stored as raw bytes [..., 2 * cols]
                 return torch.from_numpy(np.array(tensor.data)).view(torch.bfloat16)
             # Block-quantized: bytes [..., num_blocks * block_bytes] -> float32 [..., cols].
+            fast = _TORCH_DEQUANTIZE.get(tensor.tensor_type.name)
+            if fast is not None:
+                return fast(torch.from_numpy(np.array(tensor.data)))
             return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
         except Exception as exc:
             raise CheckpointError(
                 f"{self.path}: cannot decode tensor {tensor.name!r} of type {tensor.tensor_type.name} ({exc})"
             ) from None
+
+
+def _dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_1 blocks of 32 values, 20 bytes each: scale d (fp16), minimum m (fp16), 16 bytes of 4-bit codes (value j in
+    the low nibble of byte j, value j + 16 in its high nibble); x = d * q + m computed in float32, as gguf-py does."""
+    blocks = raw.reshape(-1, 20)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    codes = blocks[:, 4:]
+    q = torch.cat([codes & 0x0F, codes >> 4], dim=1).float()
+    return (d * q + m).reshape(*raw.shape[:-1], -1)
+
+
+def _dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks of 32 values, 34 bytes each: scale d (fp16) and 32 int8 codes; x = d * q in float32."""
+    blocks = raw.reshape(-1, 34)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    q = blocks[:, 2:].contiguous().view(torch.int8).float()
+    return (d * q).reshape(*raw.shape[:-1], -1)
+
+
+# The block formats of the shipped default model, decoded with torch: the same float32 values as gguf-py's numpy
+# decoder (tested bit for bit) at a fraction of the time (its Q4_1 path dominated start-up). Other types use gguf-py.
+_TORCH_DEQUANTIZE = {"Q4_1": _dequantize_q4_1, "Q8_0": _dequantize_q8_0}
 
 
 def load_gguf_tokenizer(gguf_path: str | Path):

@@ -102,8 +102,8 @@ def test_zero_rows_stay_exactly_zero():
 
 
 def test_chunked_path_for_large_matrices(monkeypatch):
-    """Matrices over INT8_CHUNK_ELEMS are upcast block by block (here 15 rows per block, a partial last block)."""
-    monkeypatch.setattr(linear_mod, "INT8_CHUNK_ELEMS", 1000)
+    """Matrices over UPCAST_CHUNK_ELEMS are upcast block by block (here 15 rows per block, a partial last block)."""
+    monkeypatch.setattr(linear_mod, "UPCAST_CHUNK_ELEMS", 1000)
     layer = _linear(64, 100, bias=True, seed=6)
     q8 = Int8WeightLinear(layer)
     w_deq = _dequantized(layer.weight.detach())

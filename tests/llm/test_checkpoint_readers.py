@@ -348,3 +348,30 @@ def test_truncated_gguf_is_named(gguf_file, tmp_path):
     (tmp_path / "header.gguf").write_bytes(src.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="header.gguf"):
         open_checkpoint(tmp_path / "header.gguf")
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_torch_block_decoders_equal_gguf_py(qtype):
+    """rtp-mm decodes Q4_1/Q8_0 with torch; the values must be gguf-py's, bit for bit (every tensor of that type in
+    the default model when it is installed, else a synthetic Q8_0 tensor)."""
+    from rtp_mm.llm.loader import gguf_reader
+
+    decode = gguf_reader._TORCH_DEQUANTIZE[qtype]
+    kind = gguf.GGMLQuantizationType[qtype]
+    tensors = []
+    try:
+        from rtp_mm.default_model import default_model_path
+
+        reader = gguf.GGUFReader(str(default_model_path()))
+        tensors = [t.data for t in reader.tensors if t.tensor_type == kind][:12]
+    except Exception:
+        pass
+    if not tensors and qtype == "Q8_0":
+        tensors = [gguf.quants.quantize(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32), kind)]
+    if not tensors:
+        pytest.skip(f"no {qtype} tensor available")
+    for data in tensors:
+        expected = torch.from_numpy(gguf.quants.dequantize(data, kind))
+        got = decode(torch.from_numpy(np.array(data)))
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert torch.equal(got, expected)

