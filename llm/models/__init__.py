@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, llama
+from rtp_mm.llm.models import bloom, gpt_bigcode, llama, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -21,6 +21,8 @@ FAMILIES: dict[str, BuildFn] = {
     "gemma": llama.gemma_build,
     "bloom": bloom.build,
     "sgpt_bloom_vector": bloom.build,
+    "gpt_bigcode": gpt_bigcode.build,
+    "starcoder2": starcoder2.build,
 }
 
 
