@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, gpt_bigcode, gpt_neox, llama, starcoder2
+from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -24,6 +24,7 @@ FAMILIES: dict[str, BuildFn] = {
     "gpt_bigcode": gpt_bigcode.build,
     "starcoder2": starcoder2.build,
     "gpt_neox": gpt_neox.build,
+    "falcon": falcon.build,
 }
 
 
