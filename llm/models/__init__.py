@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, starcoder2
+from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, mpt, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -25,6 +25,7 @@ FAMILIES: dict[str, BuildFn] = {
     "starcoder2": starcoder2.build,
     "gpt_neox": gpt_neox.build,
     "falcon": falcon.build,
+    "mpt": mpt.build,
 }
 
 
