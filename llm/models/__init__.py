@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, mpt, starcoder2
+from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, mpt, phi, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -26,6 +26,7 @@ FAMILIES: dict[str, BuildFn] = {
     "gpt_neox": gpt_neox.build,
     "falcon": falcon.build,
     "mpt": mpt.build,
+    "phi": phi.build,
 }
 
 
