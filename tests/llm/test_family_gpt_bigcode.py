@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-from ckpt_layouts import perturb, write_checkpoint
-from oracle import check_parity, random_prompts, tiny_llm
+from oracle import check_parity, perturb, random_prompts, tiny_llm, write_checkpoint
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
 VOCAB = 300
@@ -37,7 +36,8 @@ def _release_config(c: GPTBigCodeConfig, tie: bool) -> dict:
 
 
 @pytest.mark.parametrize(
-    "model_type,multi_query,tie", [("gpt_bigcode", True, True), ("wizardcoder", True, False), ("gpt_bigcode", False, False)]
+    "model_type,multi_query,tie",
+    [("gpt_bigcode", True, True), ("wizardcoder", True, False), ("gpt_bigcode", False, False)],
 )
 def test_gpt_bigcode(tmp_path, model_type, multi_query, tie):
     torch.manual_seed(21)

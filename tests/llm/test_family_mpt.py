@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import MptConfig, MptForCausalLM
 
-from ckpt_layouts import perturb, write_checkpoint
-from oracle import check_parity, random_prompts, tiny_llm
+from oracle import check_parity, perturb, random_prompts, tiny_llm, write_checkpoint
 from rtp_mm.errors import CheckpointError
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
 
-from ckpt_layouts import perturb, write_checkpoint
-from oracle import check_parity, random_prompts, tiny_llm
+from oracle import check_parity, perturb, random_prompts, tiny_llm, write_checkpoint
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
 VOCAB = 300
@@ -33,7 +32,12 @@ def _legacy_tensors(model: PhiForCausalLM, layout: str) -> dict[str, torch.Tenso
     """The HF weights under the mixformer-sequential (``layers.N``) or phi-msft names, q/k/v fused as Wqkv."""
     sd = model.state_dict()
     if layout == "mixformer":
-        embed, block, ln_f, head = "layers.0.wte.weight", "layers.{n}.", f"layers.{LAYERS + 1}.ln.", f"layers.{LAYERS + 1}.linear."
+        embed, block, ln_f, head = (
+            "layers.0.wte.weight",
+            "layers.{n}.",
+            f"layers.{LAYERS + 1}.ln.",
+            f"layers.{LAYERS + 1}.linear.",
+        )
     else:
         embed, block, ln_f, head = "transformer.embd.wte.weight", "transformer.h.{i}.", "lm_head.ln.", "lm_head.linear."
     out = {embed: sd["model.embed_tokens.weight"]}

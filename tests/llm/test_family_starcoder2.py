@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Starcoder2Config, Starcoder2ForCausalLM
 
-from ckpt_layouts import perturb, write_checkpoint
-from oracle import check_parity, random_prompts, tiny_llm
+from oracle import check_parity, perturb, random_prompts, tiny_llm, write_checkpoint
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
 VOCAB = 300
