@@ -140,7 +140,7 @@ def sgpt_input_ids(tokenizer: Any, text: str, is_query: bool, case_sensitive: bo
 def _single_token(tokenizer: Any, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if not ids:
-        raise ValueError(f"the tokenizer has no token for the SGPT bracket {text!r}")
+        raise InvalidRequest(f"the tokenizer has no token for the SGPT bracket {text!r}")
     return int(ids[0])
 
 
