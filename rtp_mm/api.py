@@ -22,6 +22,7 @@ import torch
 
 from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
 from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest
+from rtp_mm.llm.engine import embedding
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.generate_config import GenerateConfig
@@ -262,6 +263,61 @@ class LLM:
         """One conversation (a list of messages) or several; the model's chat template is applied."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         return self.generate([self.chat_ids(c) for c in conversations], generate_config)
+
+    def embed(
+        self,
+        inputs: str | Sequence[str] | Sequence[Sequence[int]],
+        is_query: bool = False,
+        case_sensitive: bool = False,
+        attention_mask: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor:
+        """SGPT sentence embeddings [n, hidden], float32 with unit L2 norm: the position-weighted mean of the final
+        hidden states, computed by the engine's own model in a prefill-only forward (no decoding, no KV pool).
+
+        Texts are prepared as RTP-LLM's sgpt_bloom_vector does: lowercased unless ``case_sensitive``, then wrapped
+        in ``[``...``]`` bracket tokens when ``is_query``, else ``{``...``}``. Token-id lists are used as given
+        (brackets included). ``attention_mask`` (token ids only) marks padding with 0, e.g. a left-padded batch:
+        padding is neither fed to the model nor pooled, but counts in the position weights as in
+        sentence-transformers, so a padded input gives the same vector there as here.
+        """
+        items = self._normalise_prompts(inputs)
+        if attention_mask is not None and len(attention_mask) != len(items):
+            raise InvalidRequest(f"attention_mask has {len(attention_mask)} rows for {len(items)} inputs")
+        pooling = embedding.sentence_transformers_pooling(self.model_config.ckpt_path)
+        if pooling not in (None, "weightedmean_tokens"):
+            raise InvalidRequest(f"the checkpoint's pooling mode {pooling!r} is not supported (weightedmean_tokens)")
+        vocab = self.loaded.model.spec.vocab_size
+        padded: list[list[int]] = []
+        masks: list[list[int]] = []
+        for n, item in enumerate(items):
+            if isinstance(item, str):
+                if attention_mask is not None:
+                    raise InvalidRequest("attention_mask applies to token-id inputs only, not to texts")
+                if not item:
+                    raise EmptyPromptError(f"input {n} is empty")
+                if self.tokenizer is None:
+                    raise InvalidRequest("text inputs need a tokenizer (this LLM was built with skip_tokenizer_init)")
+                ids = embedding.sgpt_input_ids(self.tokenizer, item, is_query, case_sensitive, self.max_seq_len)
+            else:
+                ids = self._prompt_ids(item)
+            given = None if attention_mask is None else attention_mask[n]
+            mask = embedding.check_mask(n, ids, given, self.max_seq_len, vocab)
+            padded.append(ids)
+            masks.append(mask)
+        return self._pool_embeddings(padded, masks)
+
+    def _pool_embeddings(self, padded: list[list[int]], masks: list[list[int]]) -> torch.Tensor:
+        spans = [embedding.real_span(m) for m in masks]
+        real = [ids[lo:hi] for ids, (lo, hi) in zip(padded, spans, strict=True)]
+        block_size = self.model_config.seq_size_per_block
+        hidden: list[torch.Tensor] = []
+        for group in embedding.batch_by_tokens(real, self.engine_config.step_token_budget):
+            run = lambda engine, g=group: embedding.prefill_hidden(engine.runner.model, g, block_size)  # noqa: E731
+            hidden += self._loop.call(run, 600.0)
+        pooled = [embedding.pool_padded(h, m, span) for h, m, span in zip(hidden, masks, spans, strict=True)]
+        if not pooled:
+            return torch.zeros(0, self.loaded.model.spec.hidden_size)
+        return embedding.l2_normalize(torch.stack(pooled))
 
     async def generate_stream(
         self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import llama
+from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, mpt, phi, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -19,6 +19,14 @@ FAMILIES: dict[str, BuildFn] = {
     "llama": llama.build,
     "qwen_2": llama.qwen2_build,
     "gemma": llama.gemma_build,
+    "bloom": bloom.build,
+    "sgpt_bloom_vector": bloom.build,
+    "gpt_bigcode": gpt_bigcode.build,
+    "starcoder2": starcoder2.build,
+    "gpt_neox": gpt_neox.build,
+    "falcon": falcon.build,
+    "mpt": mpt.build,
+    "phi": phi.build,
 }
 
 

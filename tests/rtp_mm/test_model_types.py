@@ -207,6 +207,9 @@ HF_CONFIGS = [
     ("PhiForCausalLM", "phi", "phi"),
     ("BloomForCausalLM", "bloom", "bloom"),
     ("LlavaForConditionalGeneration", "llava", "llava"),
+    ("MixFormerSequentialForCausalLM", "mixformer-sequential", "phi"),
+    ("MptForCausalLM", "mpt", "mpt"),
+    ("RWForCausalLM", "RefinedWeb", "falcon"),
 ]
 HF_IDS = [c[0] for c in HF_CONFIGS]
 

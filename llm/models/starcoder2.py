@@ -1,0 +1,52 @@
+"""StarCoder2 (``starcoder2``): the Llama attention graph (GQA, NeoX rope) with LayerNorm, biases on every
+projection (``use_bias``), a non-gated ``c_fc``/``c_proj`` tanh-GELU MLP and a tied head. ``sliding_window`` is not
+applied, as in RTP-LLM (the released window is 4096 tokens)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.hf_config import activation, get
+from rtp_mm.llm.models.llama import DROP, P, llama_spec
+from rtp_mm.llm.models.weights import Cat, WeightTable
+
+TABLE: WeightTable = {
+    "embed.weight": "model.embed_tokens.weight",
+    "layers.{i}.input_norm.weight": P + "input_layernorm.weight",
+    "layers.{i}.input_norm.bias": P + "input_layernorm.bias",
+    "layers.{i}.attn.qkv.weight": Cat(*(P + f"self_attn.{x}_proj.weight" for x in "qkv")),
+    "layers.{i}.attn.qkv.bias": Cat(*(P + f"self_attn.{x}_proj.bias" for x in "qkv")),
+    "layers.{i}.attn.o.weight": P + "self_attn.o_proj.weight",
+    "layers.{i}.attn.o.bias": P + "self_attn.o_proj.bias",
+    "layers.{i}.post_norm.weight": P + "post_attention_layernorm.weight",
+    "layers.{i}.post_norm.bias": P + "post_attention_layernorm.bias",
+    "layers.{i}.mlp.up.weight": P + "mlp.c_fc.weight",
+    "layers.{i}.mlp.up.bias": P + "mlp.c_fc.bias",
+    "layers.{i}.mlp.down.weight": P + "mlp.c_proj.weight",
+    "layers.{i}.mlp.down.bias": P + "mlp.c_proj.bias",
+    "norm.weight": "model.norm.weight",
+    "norm.bias": "model.norm.bias",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
+    bias = bool(config.get("use_bias", True))
+    tied = "lm_head.weight" not in keys or bool(config.get("tie_word_embeddings", True))
+    spec = llama_spec(
+        config,
+        keys,
+        norm="layer",
+        norm_eps=float(get(config, "norm_epsilon", "layer_norm_epsilon", default=1e-5)),
+        norm_bias=bias,
+        activation=activation(get(config, "hidden_act", "activation_function"), default="gelu_pytorch_tanh"),
+        gated_mlp=False,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=tied,
+        default_max_seq_len=int(get(config, "max_position_embeddings", default=4096)),
+    )
+    drop = DROP + ((r"lm_head\.weight",) if tied else ())
+    return FamilyModel(spec=spec, table=TABLE, drop=drop)
