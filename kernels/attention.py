@@ -152,19 +152,45 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.T
     return slopes.to(torch.float32)[:, None, None] * rel[None]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [B, T, H, D], k/v [B, L, KVH, D], mask additive float [B or 1, H or 1, T, L] (None: causal, T == L)."""
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool = True
+) -> torch.Tensor:
+    """q [B, T, H, D], k/v [B, L, KVH, D], mask additive float [B or 1, H or 1, T, L]; with no mask, ``causal``
+    (T == L) or every query sees every key."""
     heads, kv_heads = q.shape[2], k.shape[2]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
         attn_mask=None if mask is None else mask.to(q.dtype),
-        is_causal=mask is None,
+        is_causal=mask is None and causal,
         scale=scale,
         enable_gqa=heads != kv_heads,
     )
     return out.transpose(1, 2)
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    cache: KVCache | Int8KVCache,
+    meta: AttnMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    """One query per sequence over its whole cached context (padded to the widest block table)."""
+    kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
+    if q.shape[0] == 1 and alibi_slopes is None:
+        # One sequence: cut the last block's unused tail instead of masking it (no mask: SDPA's fast path).
+        ctx = meta.decode_max_context
+        return _sdpa(q[:, None], kc[:, :ctx], vc[:, :ctx], None, scale, causal=False)[:, 0]
+    length = kc.shape[1]
+    mask = meta.decode_mask if meta.decode_mask is not None else decode_mask(meta.decode_context_lens, length)
+    if alibi_slopes is not None:
+        key_pos = torch.arange(length, device=q.device)
+        q_pos = (meta.decode_context_lens - 1).to(torch.float32)
+        rel = key_pos[None, :].to(torch.float32) - q_pos[:, None]  # [B, L]
+        mask = mask + alibi_slopes.to(torch.float32)[None, :, None, None] * rel[:, None, None, :]
+    return _sdpa(q[:, None], kc, vc, mask, scale)[:, 0]
 
 
 def paged_attention(
@@ -180,15 +206,7 @@ def paged_attention(
     pieces: list[torch.Tensor] = []  # decodes first, then each prefill chunk in batch order
     nd = meta.num_decode_tokens
     if nd:
-        kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
-        length = kc.shape[1]
-        mask = meta.decode_mask if meta.decode_mask is not None else decode_mask(meta.decode_context_lens, length)
-        if alibi_slopes is not None:
-            key_pos = torch.arange(length, device=q.device)
-            q_pos = (meta.decode_context_lens - 1).to(torch.float32)
-            rel = key_pos[None, :].to(torch.float32) - q_pos[:, None]  # [B, L]
-            mask = mask + alibi_slopes.to(torch.float32)[None, :, None, None] * rel[:, None, None, :]
-        pieces.append(_sdpa(q[:nd, None], kc, vc, mask, scale)[:, 0])
+        pieces.append(_decode_attention(q[:nd], cache, meta, scale, alibi_slopes))
     for chunk in meta.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         total = chunk.start_pos + chunk.q_len
