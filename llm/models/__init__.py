@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import llama
+from rtp_mm.llm.models import chatglm, llama
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -19,6 +19,10 @@ FAMILIES: dict[str, BuildFn] = {
     "llama": llama.build,
     "qwen_2": llama.qwen2_build,
     "gemma": llama.gemma_build,
+    "chatglm": chatglm.chatglm_build,
+    "glm_130b": chatglm.glm_130b_build,
+    "chatglm2": chatglm.chatglm2_build,
+    "chatglm3": chatglm.chatglm2_build,
 }
 
 
