@@ -64,6 +64,17 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((x2, x1), dim=0)
 
 
+def _check_unsupported(config: dict[str, Any]) -> None:
+    """Quantized and P-tuned ChatGLM releases carry extra tensors and change the maths: refuse them by name."""
+    if config.get("quantization_bit"):
+        raise CheckpointError(
+            f"config.json quantization_bit={config['quantization_bit']}: quantized ChatGLM checkpoints are not "
+            "supported; load the fp16 release (WEIGHT_TYPE=INT8 quantizes at load time)"
+        )
+    if config.get("pre_seq_len"):
+        raise CheckpointError(f"config.json pre_seq_len={config['pre_seq_len']}: P-tuning prefixes are not supported")
+
+
 def _v1_table(num_heads: int, geglu: bool) -> WeightTable:
     qkv = partial(deinterleave_qkv, num_heads=num_heads)
     mlp_in = "layers.{i}.mlp.gate_up." if geglu else "layers.{i}.mlp.up."
@@ -87,13 +98,7 @@ def _v1_table(num_heads: int, geglu: bool) -> WeightTable:
 def _glm_v1_build(config: dict[str, Any], keys: set[str], glm_130b: bool) -> FamilyModel:
     if glm_130b:
         config = {**GLM_130B_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
-    if config.get("quantization_bit"):
-        raise CheckpointError(
-            f"config.json quantization_bit={config['quantization_bit']}: quantized ChatGLM checkpoints are not "
-            "supported; load the fp16 release (WEIGHT_TYPE=INT8 quantizes at load time)"
-        )
-    if config.get("pre_seq_len"):
-        raise CheckpointError(f"config.json pre_seq_len={config['pre_seq_len']}: P-tuning prefixes are not supported")
+    _check_unsupported(config)
     hidden = int(get(config, "hidden_size", required=True))
     heads = int(get(config, "num_attention_heads", required=True))
     layers = int(get(config, "num_layers", required=True))
@@ -175,9 +180,7 @@ V2_TABLE: WeightTable = {
 
 
 def chatglm2_build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
-    for flag, ok in (("quantization_bit", 0), ("pre_seq_len", None)):
-        if config.get(flag):
-            raise CheckpointError(f"config.json {flag}={config[flag]}: quantized / P-tuned ChatGLM is not supported")
+    _check_unsupported(config)
     if config.get("apply_residual_connection_post_layernorm"):
         raise CheckpointError("config.json apply_residual_connection_post_layernorm=true is not supported")
     if not config.get("post_layer_norm", True):
