@@ -373,3 +373,51 @@ def test_chatglm2_refuses_quantized_checkpoints(tmp_path):
 
     with pytest.raises(CheckpointError, match="quantization_bit=4"):
         tiny_llm(folder, "chatglm2", max_seq_len=64)
+
+
+# ---- scheduler / block manager units (pure Python) ----------------------------------------------------------------
+
+
+def test_scheduler_never_chunks_a_prefix_lm_prompt():
+    """Budget 16: a plain 10-token prompt takes the first step; the 12-token prefix-LM prompt behind it is not split
+    over two steps (a plain one would be), but waits and then runs whole."""
+    from rtp_mm.llm.engine.block_manager import BlockManager
+    from rtp_mm.llm.engine.request import Request
+    from rtp_mm.llm.engine.scheduler import Scheduler
+
+    def run(bidirectional_len: int) -> list[list[tuple[int, int, int]]]:
+        sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=16, watermark_blocks=0)
+        plain = Request(1, list(range(10, 20)), GenerateConfig(), max_total_len=12)
+        glm = Request(2, list(range(30, 42)), GenerateConfig(), max_total_len=14, bidirectional_len=bidirectional_len)
+        for req in (plain, glm):
+            sched.add(req)
+        steps = []
+        for _ in range(2):
+            batch = sched.schedule()
+            sched.advance(batch)
+            steps.append([(s.request.request_id, s.start, s.num_new_tokens) for s in batch.seqs])
+            for s in batch.seqs:
+                if s.sample:
+                    s.request.output_ids.append(1)
+        return steps
+
+    assert run(0) == [[(1, 0, 10), (2, 0, 6)], [(1, 10, 1), (2, 6, 6)]]  # causal: chunked
+    assert run(11) == [[(1, 0, 10)], [(1, 10, 1), (2, 0, 12)]]  # prefix-LM: whole
+
+
+def test_block_hashes_of_a_prefix_lm_prompt_cover_its_context():
+    """Two prompts with the same first block: shared hashes when causal, distinct when the first block's K/V also
+    depend on the differing later context (bidirectional); identical prefix-LM prompts still share."""
+    from rtp_mm.llm.engine.block_manager import BlockManager
+    from rtp_mm.llm.engine.request import Request
+
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+
+    def hashes(request_id: int, prompt: list[int], bidirectional_len: int) -> list[bytes]:
+        req = Request(request_id, prompt, GenerateConfig(), max_total_len=32, bidirectional_len=bidirectional_len)
+        return bm._full_block_hashes(req, len(prompt))
+
+    a, b = [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 99, 9]
+    assert hashes(1, a, 0)[0] == hashes(2, b, 0)[0]
+    assert hashes(3, a, 8)[0] != hashes(4, b, 8)[0]
+    assert hashes(5, a, 8) == hashes(6, list(a), 8)
