@@ -33,17 +33,19 @@ class PrefixLM:
 
     def layout(self, prompt: Sequence[int]) -> tuple[int, int, bool]:
         """(index of <sop>, index of the mask token, whether it is [gMASK]); InvalidRequest if the prompt lacks them."""
+        # Called per sequence and step by the runner: index() scans in C without copying the prompt.
         try:
-            sop = list(prompt).index(self.sop_id)
+            sop = prompt.index(self.sop_id)
         except ValueError:
             raise InvalidRequest(
                 f"a GLM prompt must contain <sop> (token id {self.sop_id}) after [gMASK]/[MASK] "
                 f"(ids {list(self.mask_ids)}); the tokenizer appends [gMASK] <sop> to a text prompt"
             ) from None
-        context = prompt[:sop]
         for mask_id in self.mask_ids:
-            if mask_id in context:
-                return sop, list(context).index(mask_id), mask_id == self.gmask_id
+            try:
+                return sop, prompt.index(mask_id, 0, sop), mask_id == self.gmask_id
+            except ValueError:
+                continue
         raise InvalidRequest(
             f"a GLM prompt needs a [gMASK]/[MASK] token (ids {list(self.mask_ids)}) before <sop> "
             f"(token id {self.sop_id}, at index {sop})"
