@@ -421,3 +421,15 @@ def test_block_hashes_of_a_prefix_lm_prompt_cover_its_context():
     assert hashes(1, a, 0)[0] == hashes(2, b, 0)[0]
     assert hashes(3, a, 8)[0] != hashes(4, b, 8)[0]
     assert hashes(5, a, 8) == hashes(6, list(a), 8)
+
+
+def test_glm_130b_defaults_are_the_released_model():
+    """GLM-130B ships no config.json of its own: an empty one gives the released shape (RTP-LLM hard-codes it)."""
+    from rtp_mm.llm.models.chatglm import glm_130b_build
+
+    spec = glm_130b_build({}, set(), "glm_130b").spec
+    shape = (spec.num_layers, spec.hidden_size, spec.num_heads, spec.head_dim, spec.intermediate_size, spec.vocab_size)
+    assert shape == (70, 12288, 96, 128, 32768, 150528)
+    assert spec.gated_mlp and spec.activation == "gelu" and spec.tie_word_embeddings
+    assert spec.norm_residual_alpha == pytest.approx(math.sqrt(140))
+    assert spec.prefix_lm == PrefixLM(sop_id=150004, mask_ids=(150000, 150002, 150001), gmask_id=150001, two_d=False)
