@@ -124,10 +124,11 @@ class LLM:
         if not skip_tokenizer_init:
             from rtp_mm.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(model_config.tokenizer_path)
+            self.tokenizer = load_tokenizer(model_config.tokenizer_path, info.family)
         eos = self.loaded.eos_token_ids()
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = frozenset({self.tokenizer.eos_token_id})
+        eos |= getattr(self.tokenizer, "extra_eos_token_ids", frozenset())  # e.g. ChatGLM3's <|user|>
         block_size = model_config.seq_size_per_block
         if engine_config.pre_allocate_op_mem:
             # CUDA: the whole step budget, so its activation memory is held before KV sizing. CPU: KV sizing does
@@ -255,6 +256,10 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        # Adapters whose original chat helper builds ids directly (ChatGLM's [gMASK] <sop>, ChatGLM3's role tokens).
+        build = getattr(self.tokenizer, "chat_ids", None)
+        if build is not None:
+            return list(build(messages))
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     def chat(

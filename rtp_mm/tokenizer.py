@@ -53,12 +53,20 @@ def _cached_gguf_tokenizer(gguf: Path) -> Any:
     return tokenizer
 
 
-def load_tokenizer(tokenizer_path: str) -> Any:
-    """A transformers tokenizer for ``tokenizer_path``; raises ConfigError saying what is missing."""
+def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
+    """A transformers tokenizer for ``tokenizer_path``; raises ConfigError saying what is missing. ``family`` (the
+    MODEL_TYPE's family) picks rtp-mm's own adapter for original vocabulary files that transformers can only read
+    through remote code (ChatGLM's ``ice_text.model`` / ``tokenizer.model``) when no tokenizer.json is there."""
     path = Path(tokenizer_path)
     gguf = _gguf_file(path)
     if gguf is not None:
         return _cached_gguf_tokenizer(gguf)
+    if family is not None and path.is_dir():
+        from rtp_mm.glm_tokenizer import load_glm_tokenizer
+
+        adapter = load_glm_tokenizer(path, family)
+        if adapter is not None:
+            return adapter
     if not path.is_dir() or not any((path / f).exists() for f in _TOKENIZER_FILES):
         raise ConfigError(
             f"TOKENIZER_PATH={tokenizer_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "

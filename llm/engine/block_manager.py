@@ -87,12 +87,20 @@ class BlockManager:
             ids = req.all_token_ids
             bs = self.block_size
             for i in range(len(hashes), want):
-                parent = hashes[i - 1] if i else b""
+                parent = hashes[i - 1] if i else self._root_hash(req)
                 extra = self._block_extra(req, i * bs, (i + 1) * bs)
                 if "" in extra:
                     break
                 hashes.append(hash_block(parent, ids[i * bs : (i + 1) * bs], extra))
         return hashes[:want]
+
+    @staticmethod
+    def _root_hash(req: Request) -> bytes:
+        """Parent of a request's first block. A prefix-LM prompt's K/V depend on its whole bidirectional part, so its
+        blocks are only shared between requests whose bidirectional parts are identical."""
+        if not req.bidirectional_len:
+            return b""
+        return hash_block(b"prefix-lm", req.all_token_ids[: req.bidirectional_len])
 
     def lookup_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest full-block prefix of ``req``, leaving at least one token to compute."""

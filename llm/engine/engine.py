@@ -102,6 +102,16 @@ class LLMEngine:
         if needed > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
                                      f"{self.block_manager.num_blocks}")
+        bidirectional_len = 0
+        prefix_lm = self.runner.model.spec.prefix_lm
+        if prefix_lm is not None:
+            bidirectional_len = prefix_lm.bidirectional_len(prompt_ids)  # InvalidRequest without [gMASK]/<sop>
+            budget = self.scheduler.max_num_batched_tokens
+            if prompt_len > budget:
+                raise PromptTooLongError(
+                    f"prompt length {prompt_len} > MAX_NUM_BATCHED_TOKENS {budget}: this model's prompt attends "
+                    "bidirectionally and must be prefilled in one step; raise MAX_NUM_BATCHED_TOKENS"
+                )
         eos = self.eos_token_ids if config.eos_token_id is None else frozenset({config.eos_token_id})
         if config.eos_token_id is not None and config.eos_token_id >= vocab:
             raise InvalidRequest(f"eos_token_id={config.eos_token_id} is outside the vocabulary [0, {vocab})")
@@ -116,6 +126,7 @@ class LLMEngine:
             eos_token_ids=frozenset() if config.ignore_eos else eos,
             mm_inputs=list(mm_inputs or ()),
             generator=generator,
+            bidirectional_len=bidirectional_len,
         )
 
     @property

@@ -81,19 +81,24 @@ class ModelRunner:
             tokens = req.all_token_ids[seq.start : end]
             ids.extend(tokens)
             span = range(seq.start, end)
-            positions.extend(span)
+            prefix_lm = self.model.spec.prefix_lm
+            positions.extend(prefix_lm.positions(req.prompt_ids, seq.start, end) if prefix_lm else span)
             seq_lens.extend([end] * seq.num_new_tokens)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if seq.num_new_tokens > 1:
+                bidir = req.bidirectional_len if req.bidirectional_len > seq.start else 0
                 prefills.append(
                     PrefillChunk(
                         q_start=row0,
                         q_len=seq.num_new_tokens,
                         start_pos=seq.start,
                         block_table=torch.tensor(table, dtype=torch.long, device=self.device),
+                        bidirectional_len=bidir,
                         # built once per step, shared by every layer
-                        mask=causal_mask(seq.start, seq.num_new_tokens, device=self.device) if seq.start else None,
+                        mask=causal_mask(seq.start, seq.num_new_tokens, bidir, device=self.device)
+                        if seq.start
+                        else None,
                     )
                 )
             for mm in req.mm_inputs:

@@ -46,6 +46,10 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: Exception | None = None
     reuse_len: int = 0  # prompt tokens served from the prefix cache
+    # Prefix-LM (GLM v1/130B): every prompt token sees the keys below this index, so the K/V of early prompt tokens
+    # depend on later ones. The scheduler prefills such a prompt in one chunk, and the prefix cache keys its blocks
+    # on this whole bidirectional part. 0 = causal.
+    bidirectional_len: int = 0
     num_preemptions: int = 0
     iter_count: int = 0
     arrival_time: float = field(default_factory=time.monotonic)

@@ -134,6 +134,8 @@ class Scheduler:
             reuse = bm.lookup_prefix(req)
             computed = len(reuse) * bm.block_size
             num_new = min(req.num_tokens - computed, budget)
+            if req.bidirectional_len and computed + num_new < req.num_prompt_tokens:
+                break  # a prefix-LM prompt is prefilled in one chunk (engine caps it at the budget): wait for room
             need = bm.blocks_needed(computed + num_new) - len(reuse)
             if not bm.can_allocate(need + self.watermark_blocks, reuse) and self.running:
                 break

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, falcon, gpt_bigcode, gpt_neox, llama, mpt, phi, starcoder2
+from rtp_mm.llm.models import bloom, chatglm, falcon, gpt_bigcode, gpt_neox, llama, mpt, phi, starcoder2
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -27,6 +27,10 @@ FAMILIES: dict[str, BuildFn] = {
     "falcon": falcon.build,
     "mpt": mpt.build,
     "phi": phi.build,
+    "chatglm": chatglm.chatglm_build,
+    "glm_130b": chatglm.glm_130b_build,
+    "chatglm2": chatglm.chatglm2_build,
+    "chatglm3": chatglm.chatglm2_build,
 }
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from rtp_mm.kernels.attention import AttnMetadata, KVCache, paged_attention
 from rtp_mm.kernels.linear import half_weight_linear, int8_weight_linear
+from rtp_mm.llm.models.prefix_lm import PrefixLM
 from rtp_mm.llm.models.rope import RopeSpec, RotaryEmbedding
 
 
@@ -50,6 +51,9 @@ class DecoderSpec:
     attn_scale: float | None = None  # None = 1/sqrt(head_dim)
     logn_max_position: int = 0  # Qwen v1 logn attention: > 0 scales queries beyond this length
     default_max_seq_len: int = 2048  # used when MAX_SEQ_LEN is 0
+    # GLM v1/130B DeepNorm-style residual: x = alpha * norm(x) + sublayer(norm(x)); 0 = the usual x + sublayer(...)
+    norm_residual_alpha: float = 0.0
+    prefix_lm: PrefixLM | None = None  # GLM v1/130B: bidirectional prompt up to <sop>, GLM positions (prefix_lm.py)
     extra: dict = field(default_factory=dict, compare=False)  # family-specific facts (e.g. EOS ids)
 
     @property
@@ -166,6 +170,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         h = self.input_norm(x)
         attn_out = self.attn(h, ctx, cache)
+        if self.spec.norm_residual_alpha:
+            alpha = self.spec.norm_residual_alpha
+            h = self.post_norm(h * alpha + attn_out)
+            return h * alpha + self.mlp(h)
         if self.spec.parallel_residual:
             mlp_in = h if self.spec.shared_input_norm else self.post_norm(x)
             return x + attn_out + self.mlp(mlp_in)

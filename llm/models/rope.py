@@ -29,6 +29,8 @@ class RopeSpec:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    two_d: bool = False  # GLM v1: each head half is its own rotate-half rotary, by position and by block position
+    fp16_inv_freq: bool = False  # GLM v1/130B build inv_freq in fp16 even when running in fp32
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -90,7 +92,10 @@ class RotaryEmbedding(torch.nn.Module):
         elif spec.scaling == "llama3":
             inv_freq = _llama3(spec, self.dim)
         else:
-            inv_freq = _base_inv_freq(spec.theta, self.dim)
+            # 2D: the frequencies of one head half, shared by both halves.
+            inv_freq = _base_inv_freq(spec.theta, self.dim // 2 if spec.two_d else self.dim)
+        if spec.fp16_inv_freq:
+            inv_freq = inv_freq.half().float()
         # A plain attribute, not a buffer: the model is built on the meta device and these must stay real.
         self.inv_freq = inv_freq
 
@@ -113,13 +118,17 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None, for_dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [tokens, dim / 2] in float32, or [tokens, 1, dim / 2] in ``for_dtype``. ``seq_lens`` [tokens]:
-        each token's sequence length after this step, used by the dynamic scalings."""
+        each token's sequence length after this step, used by the dynamic scalings. With ``two_d`` positions are
+        [tokens, 2] (position, block position) and the halves of the last dim belong to each; plain [tokens]
+        positions then mean block position 0 (context tokens)."""
+        if self.spec.two_d and positions.dim() == 1:
+            positions = torch.stack((positions, torch.zeros_like(positions)), dim=-1)
         pos = positions.to(torch.float32)
         if self.spec.scaling == "linear":
             pos = pos / self.spec.factor
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = pos[:, None] * self.inv_freq[None, :]
+        freqs = (pos[..., None] * self.inv_freq).flatten(1)  # 2D: [position freqs | block position freqs]
         if seq_lens is not None and self.spec.scaling in ("dynamic", "qwen_ntk"):
             for length in torch.unique(seq_lens).tolist():
                 inv_freq = self._dynamic_inv_freq(int(length))
@@ -137,6 +146,11 @@ class RotaryEmbedding(torch.nn.Module):
         """x [tokens, heads, head_dim] -> rotated copy (the first ``dim`` dims rotated, the rest passed through).
         cos/sin: [tokens, 1, dim / 2] in x's dtype (``cos_sin(..., for_dtype=...)``)."""
         dim = self.dim
+        if self.spec.two_d:  # [tokens, heads, 2 halves, dim / 2], each half rotated by its own cos/sin
+            halves, quarter = x.unflatten(-1, (2, dim // 2)), dim // 4
+            c, s = cos.unflatten(-1, (2, quarter)), sin.unflatten(-1, (2, quarter))
+            x1, x2 = halves[..., :quarter], halves[..., quarter:]
+            return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
         rot, rest = x[..., :dim], x[..., dim:]
         if self.spec.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
