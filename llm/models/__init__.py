@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import llama
+from rtp_mm.llm.models import baichuan, llama, qwen_v1
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -19,6 +19,8 @@ FAMILIES: dict[str, BuildFn] = {
     "llama": llama.build,
     "qwen_2": llama.qwen2_build,
     "gemma": llama.gemma_build,
+    "qwen": qwen_v1.build,
+    "baichuan": baichuan.build,
 }
 
 
