@@ -56,7 +56,8 @@ def qwen_spec(config: dict[str, Any], keys: set[str], model_type: str) -> Decode
     both_branches = int(get(config, "intermediate_size", "ffn_hidden_size", required=True))
     if both_branches % 2:
         raise CheckpointError(
-            f"config.json intermediate_size={both_branches} must be even: Qwen v1 stores the width of w1 and w2 together"
+            f"config.json intermediate_size={both_branches} must be even: "
+            "Qwen v1 stores the widths of w1 and w2 together"
         )
     seq_length = int(get(config, "seq_length", default=8192))
     rotary_dim = int(head_dim * float(get(config, "rotary_pct", default=1.0)))

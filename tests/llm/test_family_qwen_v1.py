@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from golden_legacy import check_golden, golden_case
+from original_layout import hf_state, save_checkpoint
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from golden_legacy import check_golden, golden_case
 from oracle import TINY_QWEN2, check_parity, random_prompts, tiny_llama, tiny_llm, tiny_qwen2
-from original_layout import hf_state, save_checkpoint
 from rtp_mm import GenerateConfig
 from rtp_mm.errors import CheckpointError
 
@@ -30,7 +30,10 @@ def qwen_v1_checkpoint(path, model: Qwen2ForCausalLM, seq_length: int, tie: bool
     """The HF Qwen2 weights under Qwen v1 names, config.json as the released Qwen-7B (sizes changed)."""
     cfg = model.config
     sd = hf_state(model)
-    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"]}
+    out = {
+        "transformer.wte.weight": sd["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": sd["model.norm.weight"],
+    }
     if not tie:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_hidden_layers):
