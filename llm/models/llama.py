@@ -63,6 +63,10 @@ def llama_spec(config: dict[str, Any], keys: set[str], **overrides: Any) -> Deco
 
 
 def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
+    if "model.layers.0.self_attn.W_pack.weight" in keys:  # a Baichuan checkpoint: RTP-LLM's Llama accepts W_pack
+        from rtp_mm.llm.models import baichuan
+
+        return baichuan.build(config, keys, model_type)
     spec = llama_spec(config, keys)
     drop = DROP + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
     return FamilyModel(spec=spec, table=TABLE, drop=drop)
