@@ -42,16 +42,20 @@ def is_baichuan2(config: dict[str, Any]) -> bool:
 
 
 def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
-    if "model.layers.0.self_attn.W_pack.weight" not in keys:
+    """Released checkpoints fuse q/k/v in ``W_pack``; converted ones with HF Llama names load too (RTP-LLM's
+    Baichuan reads either through its Llama weight detection)."""
+    w_pack = "model.layers.0.self_attn.W_pack.weight" in keys
+    if not w_pack and "model.layers.0.self_attn.q_proj.weight" not in keys:
         raise CheckpointError(
-            f"MODEL_TYPE={model_type!r} expects a Baichuan checkpoint (model.layers.N.self_attn.W_pack.weight); "
-            f"this one has {sorted(keys)[:4]} ..."
+            f"MODEL_TYPE={model_type!r} expects a Baichuan checkpoint (model.layers.N.self_attn.W_pack.weight, or "
+            f"q_proj/k_proj/v_proj in the Llama layout); this one has {sorted(keys)[:4]} ..."
         )
     alibi = is_alibi(config)
     spec = llama.llama_spec(config, keys, position="alibi" if alibi else "rope")
     table: WeightTable = dict(llama.TABLE)
-    table["layers.{i}.attn.qkv.weight"] = llama.P + "self_attn.W_pack.weight"
-    del table["layers.{i}.attn.qkv.bias"]
+    if w_pack:
+        table["layers.{i}.attn.qkv.weight"] = llama.P + "self_attn.W_pack.weight"
+        del table["layers.{i}.attn.qkv.bias"]
     if is_baichuan2(config) and not spec.tie_word_embeddings:
         table["lm_head.weight"] = Src("lm_head.weight", normalize_rows)
     drop = llama.DROP + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())

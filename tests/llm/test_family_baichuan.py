@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from golden_legacy import check_golden, golden_case
 from original_layout import hf_state, inv_freq, save_checkpoint
 
-from oracle import TINY_LLAMA, check_parity, random_prompts, tiny_llama, tiny_llm
+from oracle import TINY_LLAMA, check_parity, hf_greedy, random_prompts, tiny_llama, tiny_llm
+from rtp_mm import GenerateConfig
 from rtp_mm.errors import CheckpointError
 
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]
@@ -106,9 +107,24 @@ def test_llama_model_type_serves_a_w_pack_checkpoint(tmp_path):
         check_parity(llm, model, random_prompts(TINY_LLAMA["vocab_size"], [6, 14], seed=26), max_new_tokens=8)
 
 
-def test_baichuan_without_w_pack_is_a_clear_error(tmp_path):
+def test_baichuan_13b_in_llama_layout_keeps_alibi(tmp_path):
+    """A converted checkpoint (q/k/v_proj instead of W_pack) still follows its config: no max_position_embeddings
+    means ALiBi, so it must NOT match a RoPE Llama with the same weights, and must match the W_pack original."""
     model = tiny_llama(num_key_value_heads=HEADS, seed=27)
-    config = _config(model, architectures=["BaichuanForCausalLM"], max_position_embeddings=4096)
-    path = save_checkpoint(tmp_path / "baichuan", hf_state(model), config)
+    config = _config(model, architectures=["BaichuanForCausalLM"], model_max_length=64)
+    prompts = random_prompts(TINY_LLAMA["vocab_size"], [9, 21], seed=28)
+    cfg = GenerateConfig(max_new_tokens=8, top_k=1, logprobs=3, ignore_eos=True)
+    outs = []
+    for name, sd in (("split", hf_state(model)), ("fused", _w_pack_state(model, rotary_buffers=False))):
+        with tiny_llm(save_checkpoint(tmp_path / name, sd, config), "baichuan") as llm:
+            outs.append(llm.generate(prompts, cfg))
+    assert [o.logprobs for o in outs[0]] == [o.logprobs for o in outs[1]]
+    assert [o.token_ids for o in outs[0]] != [hf_greedy(model, p, 8) for p in prompts]
+
+
+def test_baichuan_with_neither_layout_is_a_clear_error(tmp_path):
+    model = tiny_llama(num_key_value_heads=HEADS, seed=29)
+    sd = {k.replace("self_attn.q_proj", "self_attn.query"): v for k, v in hf_state(model).items()}
+    path = save_checkpoint(tmp_path / "baichuan", sd, _config(model, architectures=["BaichuanForCausalLM"]))
     with pytest.raises(CheckpointError, match="W_pack"):
         tiny_llm(path, "baichuan")
