@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from golden_legacy import GOLDEN, golden_case
@@ -80,14 +81,17 @@ def test_malformed_vocab_file_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_llm_uses_the_adapter(vectors):
-    """The golden Qwen v1 checkpoint with the real vocabulary: chat ids from the adapter, generated text decoded by
-    it (the tiny model's 512 ids are byte-level tokens of the real vocabulary)."""
+def test_llm_uses_the_adapter(vectors, tmp_path):
+    """The golden Qwen v1 checkpoint with the released vocabulary files beside it (no tokenizer.json): LLM picks the
+    adapter, builds chat ids like the original, and decodes generated text with it (the tiny model's 512 ids are
+    byte-level tokens of the real vocabulary)."""
     from rtp_mm import LLM, GenerateConfig, ModelConfig
 
     ckpt, inputs, _ = golden_case("qwen_7b")
-    config = ModelConfig(model_type="qwen_7b", ckpt_path=str(ckpt), tokenizer_path=str(FOLDER), weight_type="FP32")
-    with LLM(config, kv_cache_mem_mb=16) as llm:
+    folder = shutil.copytree(ckpt, tmp_path / "qwen")
+    for name in ("qwen.tiktoken", "tokenizer_config.json"):
+        shutil.copy(FOLDER / name, folder / name)
+    with LLM(ModelConfig(model_type="qwen_7b", ckpt_path=str(folder), weight_type="FP32"), kv_cache_mem_mb=16) as llm:
         assert isinstance(llm.tokenizer, QwenTokenizer)
         case = vectors["chat_make_context"][1]
         assert llm.chat_ids(_messages(case)) == case["context_tokens"]

@@ -132,11 +132,13 @@ def test_bad_vocab_file_is_a_clear_error(tmp_path):
 
 
 def test_llm_uses_the_adapter(tmp_path, sp_model, sp):
-    """The golden Baichuan2-7B checkpoint (512 ids, like this vocabulary) with a Baichuan tokenizer folder: chat ids
-    in the original layout, and generated text decoded by the adapter."""
+    """The golden Baichuan2-7B checkpoint (512 ids, like this vocabulary) with Baichuan tokenizer files and no
+    tokenizer.json: LLM picks the adapter, chat ids follow the original layout, generated text is decoded by it."""
     ckpt, _, _ = golden_case("baichuan2_7b")
     folder = _folder(tmp_path, sp_model, "BaichuanTokenizer", add_bos_token=False)
-    config = ModelConfig(model_type="baichuan", ckpt_path=str(ckpt), tokenizer_path=str(folder), weight_type="FP32")
+    for file in ckpt.iterdir():  # the tokenizer files sit beside the weights, as released
+        shutil.copy(file, folder / file.name)
+    config = ModelConfig(model_type="baichuan", ckpt_path=str(folder), weight_type="FP32")
     with LLM(config, kv_cache_mem_mb=16) as llm:
         assert isinstance(llm.tokenizer, SentencePieceTokenizer)
         ids = llm.chat_ids([{"role": "user", "content": "hello world"}])
