@@ -256,10 +256,9 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        # Adapters whose original chat helper builds ids directly (ChatGLM's [gMASK] <sop>, ChatGLM3's role tokens).
-        build = getattr(self.tokenizer, "chat_ids", None)
-        if build is not None:
-            return list(build(messages))
+        encode_chat = getattr(self.tokenizer, "encode_chat", None)
+        if encode_chat is not None:  # rtp-mm's adapters build chat prompts at the id level, as the originals do
+            return list(encode_chat(messages))
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     def chat(

@@ -4,6 +4,7 @@ tokenizer embedded in a GGUF file."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -14,7 +15,7 @@ from rtp_mm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "qwen.tiktoken")
 
 
 def _gguf_file(path: Path) -> Path | None:
@@ -62,7 +63,7 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
     if gguf is not None:
         return _cached_gguf_tokenizer(gguf)
     if family is not None and path.is_dir():
-        from rtp_mm.glm_tokenizer import load_glm_tokenizer
+        from rtp_mm.tokenizers.glm import load_glm_tokenizer
 
         adapter = load_glm_tokenizer(path, family)
         if adapter is not None:
@@ -72,9 +73,29 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
             f"TOKENIZER_PATH={tokenizer_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "point TOKENIZER_PATH at them, or run on token ids only (skip_tokenizer_init=True)"
         )
+    adapter = _legacy_adapter(path)
+    if adapter is not None:
+        return adapter
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r}: the tokenizer failed to load ({e})") from e
+
+
+def _legacy_adapter(path: Path) -> Any | None:
+    """rtp-mm's own tokenizers for checkpoints whose tokenizer class is remote code (no tokenizer.json shipped)."""
+    if (path / "tokenizer.json").exists():
+        return None
+    if (path / "qwen.tiktoken").exists():
+        from rtp_mm.tokenizers.qwen import QwenTokenizer
+
+        return QwenTokenizer.from_dir(path)
+    from rtp_mm.tokenizers.sentencepiece import SENTENCEPIECE_CLASSES, SentencePieceTokenizer
+
+    config = path / "tokenizer_config.json"
+    tokenizer_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if (path / "tokenizer.model").exists() and tokenizer_class in SENTENCEPIECE_CLASSES:
+        return SentencePieceTokenizer.from_dir(path)
+    return None

@@ -30,6 +30,7 @@ class StepInputs:
     sample_index: torch.Tensor  # [num_sampled] rows of the hidden states to turn into logits
     sampled: tuple[ScheduledSeq, ...]  # the sequences those rows belong to, same order
     mm_rows: tuple[tuple[int, torch.Tensor], ...]  # (first flattened row, embeds) spliced over token embeddings
+    prompt_lens: torch.Tensor | None = None  # [tokens] prompt length of each token's request (Qwen v1 NTK)
 
 
 class ModelRunner:
@@ -69,6 +70,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         seq_lens: list[int] = []
+        prompt_lens: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledSeq] = []
@@ -84,6 +86,7 @@ class ModelRunner:
             prefix_lm = self.model.spec.prefix_lm
             positions.extend(prefix_lm.positions(req.prompt_ids, seq.start, end) if prefix_lm else span)
             seq_lens.extend([end] * seq.num_new_tokens)
+            prompt_lens.extend([req.num_prompt_tokens] * seq.num_new_tokens)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if seq.num_new_tokens > 1:
@@ -137,6 +140,7 @@ class ModelRunner:
             sample_index=torch.tensor(sample_rows, dtype=torch.long, device=dev),
             sampled=tuple(sampled),
             mm_rows=tuple(mm_rows),
+            prompt_lens=torch.tensor(prompt_lens, dtype=torch.long, device=dev),
         )
 
     @torch.inference_mode()
@@ -157,6 +161,7 @@ class ModelRunner:
             self.caches,
             seq_lens=inputs.seq_lens,
             inputs_embeds=embeds,
+            prompt_lens=inputs.prompt_lens,
         )
         logits = self.model.compute_logits(hidden[inputs.sample_index])
         return logits, inputs.sampled

@@ -10,7 +10,19 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import NotImplementedYetError
-from rtp_mm.llm.models import bloom, chatglm, falcon, gpt_bigcode, gpt_neox, llama, mpt, phi, starcoder2
+from rtp_mm.llm.models import (
+    baichuan,
+    bloom,
+    chatglm,
+    falcon,
+    gpt_bigcode,
+    gpt_neox,
+    llama,
+    mpt,
+    phi,
+    qwen_v1,
+    starcoder2,
+)
 from rtp_mm.llm.models.family import FamilyModel
 
 BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
@@ -31,6 +43,8 @@ FAMILIES: dict[str, BuildFn] = {
     "glm_130b": chatglm.glm_130b_build,
     "chatglm2": chatglm.chatglm2_build,
     "chatglm3": chatglm.chatglm2_build,
+    "qwen": qwen_v1.build,
+    "baichuan": baichuan.build,
 }
 
 

@@ -221,6 +221,7 @@ class Decoder(nn.Module):
         caches: list[KVCache],
         seq_lens: torch.Tensor | None = None,  # [tokens] each token's sequence length after this step
         inputs_embeds: torch.Tensor | None = None,  # [tokens, hidden] replaces the embedding lookup
+        prompt_lens: torch.Tensor | None = None,  # [tokens] each token's prompt length (Qwen v1 dynamic NTK)
     ) -> torch.Tensor:  # [tokens, hidden] after the final norm
         spec = self.spec
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -230,7 +231,7 @@ class Decoder(nn.Module):
             h = self.embed_norm(h)
         ctx = StepContext(meta=meta)
         if self.rotary is not None:
-            ctx.cos, ctx.sin = self.rotary.cos_sin(positions, seq_lens, for_dtype=h.dtype)
+            ctx.cos, ctx.sin = self.rotary.cos_sin(positions, seq_lens, for_dtype=h.dtype, prompt_lens=prompt_lens)
         if self.alibi is not None:
             if self.alibi.device != h.device:
                 self.alibi = self.alibi.to(h.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rtp_mm.llm.models import llama_variants
 from rtp_mm.llm.models.decoder import DecoderSpec
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
@@ -63,7 +64,11 @@ def llama_spec(config: dict[str, Any], keys: set[str], **overrides: Any) -> Deco
 
 
 def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
-    spec = llama_spec(config, keys)
+    if "model.layers.0.self_attn.W_pack.weight" in keys:  # a Baichuan checkpoint: RTP-LLM's Llama accepts W_pack
+        from rtp_mm.llm.models import baichuan
+
+        return baichuan.build(config, keys, model_type)
+    spec = llama_spec(config, keys, **llama_variants.overrides(config))
     drop = DROP + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
     return FamilyModel(spec=spec, table=TABLE, drop=drop)
 

@@ -115,14 +115,22 @@ class RotaryEmbedding(torch.nn.Module):
         return None
 
     def cos_sin(
-        self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None, for_dtype: torch.dtype | None = None
+        self,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor | None = None,
+        for_dtype: torch.dtype | None = None,
+        prompt_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [tokens, dim / 2] in float32, or [tokens, 1, dim / 2] in ``for_dtype``. ``seq_lens`` [tokens]:
         each token's sequence length after this step, used by the dynamic scalings. With ``two_d`` positions are
         [tokens, 2] (position, block position) and the halves of the last dim belong to each; plain [tokens]
-        positions then mean block position 0 (context tokens)."""
+        positions then mean block position 0 (context tokens). ``prompt_lens`` [tokens]: each token's prompt length;
+        Qwen v1 picks its NTK alpha once from the prompt and keeps it while decoding, so ``qwen_ntk`` uses these when
+        given (cached keys and new queries then share one alpha)."""
         if self.spec.two_d and positions.dim() == 1:
             positions = torch.stack((positions, torch.zeros_like(positions)), dim=-1)
+        if prompt_lens is not None and self.spec.scaling == "qwen_ntk":
+            seq_lens = prompt_lens
         pos = positions.to(torch.float32)
         if self.spec.scaling == "linear":
             pos = pos / self.spec.factor

@@ -15,8 +15,8 @@ from glm_oracle import GOLDEN
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import InvalidRequest
-from rtp_mm.glm_tokenizer import ChatGLM2Tokenizer, ChatGLMTokenizer
 from rtp_mm.tokenizer import load_tokenizer
+from rtp_mm.tokenizers.glm import ChatGLM2Tokenizer, ChatGLMTokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -98,9 +98,9 @@ def test_chatglm_chat_format(ice):
     assert tok.apply_chat_template(first) == "你好"  # no history: the bare query
     convo = first + [{"role": "assistant", "content": "你好！"}, {"role": "user", "content": "讲个笑话"}]
     assert tok.apply_chat_template(convo) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：讲个笑话\n答："
-    assert tok.chat_ids(convo) == tok.encode("[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：讲个笑话\n答：")
+    assert tok.encode_chat(convo) == tok.encode("[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：讲个笑话\n答：")
     with pytest.raises(InvalidRequest, match="end with a user message"):
-        tok.chat_ids(convo[:2])
+        tok.encode_chat(convo[:2])
 
 
 def test_llm_picks_the_chatglm_adapter(ice, tmp_path):
@@ -149,7 +149,8 @@ def test_chatglm2_tokens_and_chat(glm2):
         [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
     )
     assert prompt == "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答："
-    assert tok.chat_ids([{"role": "user", "content": "q"}]) == [n + 1, n + 3] + sp.encode("[Round 1]\n\n问：q\n\n答：")
+    expected = [n + 1, n + 3] + sp.encode("[Round 1]\n\n问：q\n\n答：")
+    assert tok.encode_chat([{"role": "user", "content": "q"}]) == expected
     assert tok.decode([n + 1, n + 3, *sp.encode("你好 world")]) == "你好 world"  # ChatGLM2 hides its specials
 
 
@@ -170,7 +171,7 @@ def test_chatglm3_roles_and_chat(glm2):
     expected = [n + 1, n + 3, system, *nl, *sp.encode("be brief\n" + json.dumps(tools, indent=4))]
     expected += [user, *nl, *sp.encode("hello"), assistant, *sp.encode("f\n"), *sp.encode("call")]
     expected += [observation, *nl, *sp.encode("42"), assistant]
-    assert tok.chat_ids(messages) == expected
+    assert tok.encode_chat(messages) == expected
     assert tok.extra_eos_token_ids == {user, observation}
     assert tok.decode([user, *sp.encode("ok")]) == "<|user|>ok"
     assert tok.decode([user, *sp.encode("ok")], skip_special_tokens=True) == "ok"

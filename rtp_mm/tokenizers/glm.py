@@ -13,7 +13,7 @@
   ``encode_special_tokens=True``); ChatGLM2 does not.
 
 The adapters offer what rtp-mm uses of a transformers tokenizer: ``encode``, ``decode``, ``convert_ids_to_tokens``,
-special ids, ``apply_chat_template`` (text) and ``chat_ids`` (ids exactly as the original chat helpers build them).
+special ids, ``apply_chat_template`` (text) and ``encode_chat`` (ids exactly as the original chat helpers build them).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class ChatGLMTokenizer:
         prompt = system + prompt
         return self.encode(prompt) if tokenize else prompt
 
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.apply_chat_template(messages, tokenize=True)
 
 
@@ -197,14 +197,14 @@ class ChatGLM2Tokenizer:
         self, messages: list[dict[str, Any]], tokenize: bool = False, add_generation_prompt: bool = True, **_: Any
     ) -> str | list[int]:
         if self.roles:
-            ids = self.chat_ids(messages)
+            ids = self.encode_chat(messages)
             return ids if tokenize else self.decode(ids)
         system, history, query = _rounds(_messages(messages, ("system", "user", "assistant")))
         prompt = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1))
         prompt = system + prompt + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
         return self.encode(prompt) if tokenize else prompt
 
-    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """ChatGLM3: ``[gMASK] sop`` + per message ``<|role|>`` tokens(metadata\\n) tokens(content) + ``<|assistant|>``
         (a system message's ``tools`` are appended to its content as indented JSON, as the original does)."""
         if not self.roles:
