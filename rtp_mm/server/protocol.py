@@ -11,6 +11,9 @@ Response shapes (section 1.4/1.5): one sequence is ``{"response", "finished", "a
 ``num_return_sequences`` = n > 0 the three fields are lists of n. Stream events are ``data:`` + JSON + CRLF CRLF with
 no space after the colon, and the stream ends with the literal ``data:[done]``.
 
+``images`` (alias ``urls``) is a list of references for one prompt, or one list per prompt of ``prompt_batch``; see
+``images`` for the accepted forms and limits.
+
 Deviations: a message list under ``prompt``/``messages`` (RTP-LLM's "chatapi" format) is refused with 507 until the
 chat renderer exists; token-id prompts are not accepted here (the offline API takes them).
 """
@@ -143,6 +146,10 @@ def parse_native_request(body: dict[str, Any]) -> NativeRequest:
         images = []
     if not isinstance(images, list):
         raise InvalidRequest("input images should be list")
+    if batched and images:
+        # One list of images per prompt of the batch.
+        if len(images) != len(prompts) or not all(isinstance(group, list) for group in images):
+            raise InvalidRequest(f"images must be a list of {len(prompts)} lists, one per prompt of prompt_batch")
     total = len(prompts) * max(config.num_return_sequences, 1)
     if total > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidRequest(
@@ -152,9 +159,18 @@ def parse_native_request(body: dict[str, Any]) -> NativeRequest:
     return NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
 
 
-def check_images(native: NativeRequest, model_type: ModelTypeInfo) -> None:
-    """Images are accepted only by a model that can encode them (none yet: the vision encoders come later)."""
-    if not native.images:
+def native_image_refs(native: NativeRequest) -> list[Any]:
+    """Every image reference of the request, prompt-major (a batch holds one list per prompt)."""
+    if native.batched:
+        return [ref for group in native.images for ref in group]
+    return list(native.images)
+
+
+def check_images(num_images: int, model_type: ModelTypeInfo) -> None:
+    """Images are accepted only by a model that can encode them (none yet: the vision encoders come later).
+
+    Called after the images were loaded and decoded, so a bad image is reported as such on any model."""
+    if not num_images:
         return
     if model_type.vision:
         raise NotImplementedYetError(
@@ -179,11 +195,13 @@ def response_body(native: NativeRequest, views: list[list[SequenceView]]) -> dic
     groups = []
     for seqs in views:
         if multi:
-            groups.append({
-                "response": [v.text for v in seqs],
-                "finished": all(v.finished for v in seqs),
-                "aux_info": [v.aux_info for v in seqs],
-            })
+            groups.append(
+                {
+                    "response": [v.text for v in seqs],
+                    "finished": all(v.finished for v in seqs),
+                    "aux_info": [v.aux_info for v in seqs],
+                }
+            )
         else:
             groups.append({"response": seqs[0].text, "finished": seqs[0].finished, "aux_info": seqs[0].aux_info})
     return {"response_batch": groups} if native.batched else groups[0]
