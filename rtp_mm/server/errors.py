@@ -61,8 +61,8 @@ class Unauthorized(RtpMmError):
 class InvalidParam(InvalidRequest):
     """A bad field of an OpenAI request; ``param`` names it in the error body."""
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, param: str | None = None, error_code: ErrorCode | None = None):
+        super().__init__(message, error_code)
         self.param = param
 
 

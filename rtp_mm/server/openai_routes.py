@@ -151,7 +151,7 @@ async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str,
         try:
             requests = await asyncio.to_thread(_make_requests, llm, parsed)
         except InvalidRequest as e:
-            raise InvalidParam(e.message, "messages" if chat else "prompt") from None
+            raise InvalidParam(e.message, "messages" if chat else "prompt", e.error_code) from None
         answer = _Answer(llm, parsed, requests, chat, _model_name(request, parsed))
         if parsed.stream:
             return await _stream(request, answer)
