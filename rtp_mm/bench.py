@@ -230,12 +230,17 @@ def _hf_generate(model: Any, rows: list[list[int]], num_new: int, pad_id: int) -
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
     clock = _StepClock()
     out = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=num_new, min_new_tokens=num_new,
-        do_sample=False, pad_token_id=pad_id, streamer=clock,
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=num_new,
+        min_new_tokens=num_new,
+        do_sample=False,
+        pad_token_id=pad_id,
+        streamer=clock,
     )
     if out.shape[1] != width + num_new or len(clock.times) != num_new + 1:
         raise RuntimeError(f"HF generated {out.shape[1] - width} steps where {num_new} were asked")
@@ -254,8 +259,9 @@ def _hf_serve(model: Any, w: Workload, pad_id: int) -> list[RequestTiming]:
     for lo in range(0, len(w.serve_prompts), w.max_in_flight):
         batch = range(lo, min(lo + w.max_in_flight, len(w.serve_prompts)))
         submit = time.perf_counter()
-        _, clock = _hf_generate(model, [w.serve_prompts[i] for i in batch], max(w.serve_new_tokens[i] for i in batch),
-                                pad_id)
+        _, clock = _hf_generate(
+            model, [w.serve_prompts[i] for i in batch], max(w.serve_new_tokens[i] for i in batch), pad_id
+        )
         end = time.perf_counter()
         timings += [RequestTiming(arrival, submit, clock.times[1], end) for _ in batch]
     return timings
@@ -352,9 +358,25 @@ def system_label(result: dict[str, Any]) -> str:
 
 def run_worker(system: str, weight_type: str, spec: Path, args: argparse.Namespace) -> dict[str, Any]:
     result_path = spec.with_name(f"result-{system}-{weight_type}.json")
-    cmd = [sys.executable, "-m", "rtp_mm.bench", "--worker", system, "--weight-type", weight_type, "--spec", str(spec),
-           "--result", str(result_path), "--only", args.only, "--threads", str(args.threads),
-           "--kv-cache-mb", str(args.kv_cache_mb)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rtp_mm.bench",
+        "--worker",
+        system,
+        "--weight-type",
+        weight_type,
+        "--spec",
+        str(spec),
+        "--result",
+        str(result_path),
+        "--only",
+        args.only,
+        "--threads",
+        str(args.threads),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+    ]
     base = {"system": system, "weight_type": weight_type, "metrics": {}}
     _log(f"running {system_label(base)} ...")
     start = time.perf_counter()
@@ -365,8 +387,10 @@ def run_worker(system: str, weight_type: str, spec: Path, args: argparse.Namespa
     if not result_path.exists():
         return base | {"error": f"worker exited with status {proc.returncode} and no result"}
     result = json.loads(result_path.read_text())
-    _log(f"{system_label(result)} done in {time.perf_counter() - start:.0f} s" + (
-        f": {result['error']}" if "error" in result else ""))
+    _log(
+        f"{system_label(result)} done in {time.perf_counter() - start:.0f} s"
+        + (f": {result['error']}" if "error" in result else "")
+    )
     return result
 
 
@@ -424,9 +448,11 @@ def machine_info(results: list[dict[str, Any]], load_avg: tuple[float, float, fl
         pass
     threads = sorted({r["threads"] for r in results if "threads" in r})
     load = " / ".join(f"{x:.1f}" for x in load_avg)
-    return (f"{cpu}, {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, load average (1/5/15 min) at start {load}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"torch threads {'/'.join(map(str, threads)) or '?'}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram_gib:.0f} GiB RAM, load average (1/5/15 min) at start {load}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"torch threads {'/'.join(map(str, threads)) or '?'}"
+    )
 
 
 def write_section(path: Path, section: str) -> None:
@@ -507,19 +533,37 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.output:
         section = [
-            SECTION_HEADING, "", f"Command: `{command}`", "", f"Date: {date}", "", f"Machine: {machine}", "",
-            f"Workload: {workload.describe(args.only)}", "", table, "",
+            SECTION_HEADING,
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Date: {date}",
+            "",
+            f"Machine: {machine}",
+            "",
+            f"Workload: {workload.describe(args.only)}",
+            "",
+            table,
+            "",
         ]
         if not args.skip_hf:
             section.append("Ratios are rtp-mm / HF: above 1, rtp-mm is higher (better for tok/s, worse for times).")
         if "b" in phases:
-            section.append("(b) 'from arrival' counts from the moment all requests arrive (queueing included); "
-                           "'in service' from when a request is admitted (rtp-mm) or its batch starts (HF).")
+            section.append(
+                "(b) 'from arrival' counts from the moment all requests arrive (queueing included); "
+                "'in service' from when a request is admitted (rtp-mm) or its batch starts (HF)."
+            )
         section += ["", *(f"- {line}" for line in extra)] if extra else []
         write_section(Path(args.output), "\n".join(section))
     if args.json:
-        payload = {"command": command, "date": date, "machine": machine, "workload": workload.describe(args.only),
-                   "phases": phases, "systems": [{"label": system_label(r), **r} for r in results]}
+        payload = {
+            "command": command,
+            "date": date,
+            "machine": machine,
+            "workload": workload.describe(args.only),
+            "phases": phases,
+            "systems": [{"label": system_label(r), **r} for r in results],
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2))
     return 1 if any("error" in r for r in results) else 0
 

@@ -103,10 +103,10 @@ class ImageIntake:
     async def load(self, refs: list[str], uploads: dict[str, bytes]) -> list[Image.Image]:
         if len(refs) > self.limits.max_count:
             raise InvalidRequest(f"{len(refs)} images in one request; IMAGE_MAX_COUNT allows {self.limits.max_count}")
-        unused = set(uploads) - {r[len(UPLOAD_SCHEME) :] for r in refs if isinstance(r, str)}
+        blobs = [await self._bytes(i, ref, uploads) for i, ref in enumerate(refs)]
+        unused = set(uploads) - {r[len(UPLOAD_SCHEME) :] for r in refs}
         if unused:
             raise InvalidRequest(f"uploaded part(s) {sorted(unused)} are not referenced as upload://<name>")
-        blobs = [await self._bytes(i, ref, uploads) for i, ref in enumerate(refs)]
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(self.executor, decode_image, b, self.limits.max_pixels, i) for i, b in enumerate(blobs)
@@ -131,12 +131,13 @@ class ImageIntake:
         if self.limits.local_dir and _looks_like_path(ref):
             return await asyncio.to_thread(self._read_local, index, ref)
         try:
-            return self._check_size(index, base64.b64decode(ref, validate=True))
+            data = base64.b64decode(ref, validate=True)
         except (binascii.Error, ValueError):
             hint = "" if self.limits.local_dir else "; local image paths are disabled (set IMAGE_LOCAL_DIR)"
             raise InvalidRequest(
                 f"image {index} is neither a data: URL, valid base64, an upload:// reference nor an http(s) URL{hint}"
             ) from None
+        return self._check_size(index, data)
 
     def _check_size(self, index: int, data: bytes) -> bytes:
         if len(data) > self.limits.max_bytes:
@@ -191,6 +192,12 @@ class ImageIntake:
             raise InvalidRequest(f"image {index}: {url!r} is not an http(s) URL")
         if "*" not in self.limits.url_hosts and host not in self.limits.url_hosts:
             raise InvalidRequest(f"image {index}: host {host!r} is not in IMAGE_URL_HOSTS")
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return  # a name: its addresses are checked by PublicAddressResolver when connecting
+        if not _is_public(str(literal)):
+            raise UnprocessableImage(f"image {index}: {host!r} is a non-public address", "image_url")
 
 
 def _looks_like_path(ref: str) -> bool:

@@ -86,7 +86,11 @@ def test_chat_n2_seeded_samples(client, llm):
 
 def test_chat_stream_with_usage(client, llm):
     stream = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -103,7 +107,12 @@ def test_chat_stream_with_usage(client, llm):
 
 def test_chat_logprobs(client, llm):
     reply = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
         extra_body={"extra_configs": {"ignore_eos": True}},
     )
     expected = _offline_chat(llm, max_new_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True)[0]
@@ -129,7 +138,9 @@ def test_completions_batch_n_and_logprobs(client, llm):
             choice = reply.choices[2 * i + j]
             assert choice.text == out.text
             n = len(choice.logprobs.tokens)
-            assert choice.logprobs.token_logprobs == pytest.approx([e[t] for t, e in zip(out.token_ids[:n], out.logprobs)])
+            assert choice.logprobs.token_logprobs == pytest.approx(
+                [e[t] for t, e in zip(out.token_ids[:n], out.logprobs)]
+            )
             assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
     assert reply.usage.prompt_tokens == sum(len(llm.encode(p)) for p in prompts)
 
@@ -152,7 +163,11 @@ def test_completions_token_id_prompt_and_stop(client, llm):
     assert len(out.text) > 3
     stop = out.text[2:4]
     stopped = client.completions.create(
-        model="tiny", prompt=ids, max_tokens=10, temperature=0, stop=[stop],
+        model="tiny",
+        prompt=ids,
+        max_tokens=10,
+        temperature=0,
+        stop=[stop],
         extra_body={"extra_configs": {"ignore_eos": True}},
     )
     assert stopped.choices[0].text == out.text[: out.text.index(stop)]
