@@ -138,8 +138,9 @@ def test_completions_batch_n_and_logprobs(client, llm):
             choice = reply.choices[2 * i + j]
             assert choice.text == out.text
             n = len(choice.logprobs.tokens)
+            assert n == len(out.token_ids) - (out.finish_reason == "stop")  # an ending EOS has no text entry
             assert choice.logprobs.token_logprobs == pytest.approx(
-                [e[t] for t, e in zip(out.token_ids[:n], out.logprobs)]
+                [e[t] for t, e in zip(out.token_ids[:n], out.logprobs[:n], strict=True)]
             )
             assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
     assert reply.usage.prompt_tokens == sum(len(llm.encode(p)) for p in prompts)
