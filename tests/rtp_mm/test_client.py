@@ -36,8 +36,9 @@ def llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama_client")
     tiny_llama(path, seed=6, max_position_embeddings=4096)
     tiny_bpe_tokenizer(path, ["Hello world, the quick brown fox.", "Describe it."], chat_template=TINY_CHAT_TEMPLATE)
-    llm = LLM(ModelConfig(model_type="llama", ckpt_path=path, max_seq_len=4096), kv_cache_mem_mb=16,
-              concurrency_limit=2)
+    llm = LLM(
+        ModelConfig(model_type="llama", ckpt_path=path, max_seq_len=4096), kv_cache_mem_mb=16, concurrency_limit=2
+    )
     yield llm
     llm.shutdown()
 
@@ -80,7 +81,9 @@ def test_health_and_generate(client, llm):
     assert out.finished is True and out.aux_info["output_len"] == 8
     assert out.text == _offline(llm, "Hello world", max_new_tokens=8, **GREEDY)
     batch = client.generate(["Hello", "The quick brown fox"], max_new_tokens=4, **GREEDY)
-    assert [g.text for g in batch] == [_offline(llm, p, max_new_tokens=4, **GREEDY) for p in ("Hello", "The quick brown fox")]
+    assert [g.text for g in batch] == [
+        _offline(llm, p, max_new_tokens=4, **GREEDY) for p in ("Hello", "The quick brown fox")
+    ]
     assert client.worker_status()["available_concurrency"] == 2
 
 
@@ -130,8 +133,15 @@ def test_chat(client, llm):
     assert reply.text == expected.text and reply.finish_reason == expected.finish_reason
     assert reply.usage["completion_tokens"] == len(expected.token_ids)
     with pytest.raises(BadRequestError) as info:
-        client.chat([{"role": "user", "content": [{"type": "text", "text": "Describe it."},
-                                                  {"type": "image", "image": _png_bytes()}]}], max_tokens=2)
+        client.chat(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Describe it."}, {"type": "image", "image": _png_bytes()}],
+                }
+            ],
+            max_tokens=2,
+        )
     assert info.value.error_code == 507 and "text-only" in info.value.message
 
 
