@@ -38,6 +38,43 @@ STREAM_DONE = b"data:[done]\r\n\r\n"
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerateConfig))
 # RTP-LLM's aliases, applied only when the canonical name is absent.
 _CONFIG_ALIASES = {"gen_length": "max_new_tokens"}
+# Unknown-fields policy. RTP-LLM GenerateConfig fields that do not change the generated text are accepted and
+# ignored; those that would change the answer are refused (516) when set, rather than silently not honoured; any
+# other name inside generate_config is a typo, refused with 516. Top-level keys that are no GenerateConfig field are
+# ignored, as RTP-LLM does (clients put request ids and the like there).
+_IGNORED_CONFIG_FIELDS = frozenset(
+    {
+        "yield_generator",
+        "is_streaming",
+        "request_format",
+        "chat_id",
+        "task_id",
+        "md5_value",
+        "custom_prop",
+        "using_hf_sampling",
+        "pad_token_id",
+        "bos_token_id",
+    }
+)
+_UNSUPPORTED_CONFIG_FIELDS = frozenset(
+    {
+        "return_logits",
+        "output_logits",
+        "return_hidden_states",
+        "output_hidden_states",
+        "return_input_ids",
+        "output_input_ids",
+        "return_output_ids",
+        "calculate_loss",
+        "select_tokens_id",
+        "select_tokens_str",
+        "bad_words_list",
+        "top_p_decay",
+        "top_p_min",
+        "top_p_reset_ids",
+        "no_repeat_ngram_size",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +159,21 @@ def _merged_config_dict(body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(
             f"generate_config must be an object, got {type(nested).__name__}", ErrorCode.GENERATE_CONFIG_FORMAT_ERROR
         )
-    merged = dict(nested)
+    unknown = sorted(
+        set(nested) - _CONFIG_FIELDS - set(_CONFIG_ALIASES) - _IGNORED_CONFIG_FIELDS - _UNSUPPORTED_CONFIG_FIELDS
+    )
+    if unknown:
+        raise InvalidRequest(
+            f"generate_config has unknown field(s) {unknown}; accepted: {sorted(_CONFIG_FIELDS)}",
+            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
+        )
+    unsupported = sorted(k for k in _UNSUPPORTED_CONFIG_FIELDS if nested.get(k) or body.get(k))
+    if unsupported:
+        raise InvalidRequest(
+            f"{unsupported} not supported by rtp-mm (they would change the answer)",
+            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
+        )
+    merged = {k: v for k, v in nested.items() if k not in _UNSUPPORTED_CONFIG_FIELDS}
     merged.update({k: v for k, v in body.items() if k in _CONFIG_FIELDS or k in _CONFIG_ALIASES})
     for alias, canonical in _CONFIG_ALIASES.items():
         if alias in merged:

@@ -322,6 +322,10 @@ MALFORMED = {
     "images-not-aligned-with-batch": ({"prompt_batch": ["a", "b"], "images": [[_png_base64()]]}, 400, 507),
     "images-not-list": ({"prompt": "Hello", "images": "cat.png"}, 400, 507),
     "too-many-sequences": ({"prompt_batch": ["a"] * 600, "num_return_sequences": 2}, 400, 507),
+    "unknown-generate-config-field": ({"prompt": "Hello", "generate_config": {"max_new_tokenz": 3}}, 400, 516),
+    "unsupported-rtp-llm-field": ({"prompt": "Hello", "return_logits": True}, 400, 516),
+    "unsupported-nested-field": ({"prompt": "Hello", "generate_config": {"calculate_loss": 1}}, 400, 516),
+    "float-max-new-tokens": ({"prompt": "Hello", "max_new_tokens": 2.5}, 400, 516),
 }
 
 
@@ -340,6 +344,17 @@ async def test_malformed_request(client, case):
     # The server keeps serving.
     ok = await _post(client, {"prompt": "Hello", "max_new_tokens": 1, **GREEDY})
     assert ok["finished"] is True
+
+
+async def test_huge_max_new_tokens_is_capped_by_max_seq_len(client, llm):
+    # As RTP-LLM: the effective limit is min(max_new_tokens, MAX_SEQ_LEN - prompt_len), not an error.
+    data = await _post(client, {"prompt": "Hello", "max_new_tokens": 10**30, **GREEDY})
+    assert data["aux_info"]["output_len"] == MAX_SEQ_LEN - len(llm.encode("Hello"))
+
+
+async def test_ignored_rtp_llm_fields(client):
+    body = {"prompt": "Hello", "request_id": "abc", "generate_config": {"chat_id": "c1", "max_new_tokens": 2, **GREEDY}}
+    assert (await _post(client, body))["aux_info"]["output_len"] == 2
 
 
 async def test_unknown_route_and_method_are_json_errors(client):
