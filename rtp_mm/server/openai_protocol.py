@@ -27,7 +27,6 @@ from rtp_mm.server.protocol import MAX_SEQUENCES_PER_REQUEST
 MAX_N = 128
 MAX_STOP = 16
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function", "observation")
-_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 _COMMON = frozenset(
     {
         "model",

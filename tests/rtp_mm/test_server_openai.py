@@ -225,3 +225,23 @@ def test_error_body_shape_and_invalid_json(url):
     body = json.loads(info.value.read())
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == 507 and "JSON" in body["error"]["message"]
+
+
+def test_error_inside_a_stream(client):
+    # The request's own timeout (RTP-LLM's timeout_ms) runs out after the headers were sent: one error event.
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        extra_body={"extra_configs": {"timeout_ms": 1, "ignore_eos": True}},
+    )
+    with pytest.raises(openai.APIError, match="timeout"):
+        list(stream)
+
+
+def test_rtp_llm_chat_alias(url):
+    body = json.dumps({"model": "m", "messages": MESSAGES, "max_tokens": 2}).encode()
+    with urllib.request.urlopen(urllib.request.Request(url + "/chat/completions", data=body), timeout=60) as resp:
+        assert json.loads(resp.read())["object"] == "chat.completion"
