@@ -146,7 +146,13 @@ class LLM:
         self._loop = EngineLoop(self.engine)
         logger.info(
             "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, activations %s, weights %s",
-            info.name, num_blocks, block_size, num_blocks * block_size, self.max_seq_len, self.dtype, self.weight_path,
+            info.name,
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            self.max_seq_len,
+            self.dtype,
+            self.weight_path,
         )
 
     def _apply_weight_transforms(self, model_config: ModelConfig) -> None:
@@ -170,9 +176,7 @@ class LLM:
         return cls(settings.model, settings.engine, **overrides)
 
     def _num_kv_blocks(self, block_size: int) -> int:
-        per_block = kv_block_bytes(
-            self.loaded.model, block_size, self.dtype, int8_kv=self.engine_config.int8_kv_cache
-        )
+        per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype, int8_kv=self.engine_config.int8_kv_cache)
         mem_mb = self.engine_config.kv_cache_mem_mb
         if self.engine_config.kv_cache_blocks > 0:
             budget = self.engine_config.kv_cache_blocks * per_block

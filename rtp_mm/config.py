@@ -203,11 +203,29 @@ class ServerConfig:
     host: str = "0.0.0.0"
     api_key: str | None = None
     log_level: str = "WARNING"
+    # Request intake (README "HTTP server"): limits answer 4xx; remote URLs and local paths are off unless set.
+    max_body_mb: int = 64  # whole request body, JSON or multipart
+    image_max_count: int = 8  # images per request
+    image_max_mb: int = 16  # bytes of one encoded image
+    image_max_pixels: int = 4096 * 4096  # width x height of one image (decompression bombs)
+    image_url_hosts: tuple[str, ...] = ()  # hosts whose http(s) images may be fetched; "*" = any public host
+    image_local_dir: str = ""  # local image paths are read only from inside this folder
+    image_fetch_timeout_s: float = 10.0  # whole fetch of one remote image, redirects included
+    shutdown_timeout_s: float = 60.0  # graceful shutdown: how long in-flight requests may still run
 
     def __post_init__(self) -> None:
         port = self.start_port
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"START_PORT={self.start_port!r} must be a port number between 0 and 65535")
+        for name in ("max_body_mb", "image_max_count", "image_max_mb", "image_max_pixels"):
+            _check_int(getattr(self, name), name.upper(), minimum=1)
+        for name in ("image_fetch_timeout_s", "shutdown_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name.upper()}={value!r} must be a number of seconds > 0")
+        object.__setattr__(self, "image_url_hosts", tuple(h.strip().lower() for h in self.image_url_hosts))
+        if self.image_local_dir:
+            check_local_path(self.image_local_dir, "IMAGE_LOCAL_DIR", must_be_dir=True)
 
 
 @dataclass(frozen=True)
@@ -340,6 +358,14 @@ class _EnvParser:
             host=self.raw("HOST") or "0.0.0.0",
             api_key=self.raw("API_KEY"),
             log_level=self.log_level(),
+            max_body_mb=self.integer("MAX_BODY_MB", 64, minimum=1),
+            image_max_count=self.integer("IMAGE_MAX_COUNT", 8, minimum=1),
+            image_max_mb=self.integer("IMAGE_MAX_MB", 16, minimum=1),
+            image_max_pixels=self.integer("IMAGE_MAX_PIXELS", 4096 * 4096, minimum=1),
+            image_url_hosts=tuple(h for h in (self.raw("IMAGE_URL_HOSTS") or "").split(",") if h.strip()),
+            image_local_dir=self.path("IMAGE_LOCAL_DIR", must_be_dir=True),
+            image_fetch_timeout_s=self.integer("IMAGE_FETCH_TIMEOUT_S", 10, minimum=1),
+            shutdown_timeout_s=self.integer("SHUTDOWN_TIMEOUT_S", 60, minimum=1),
         )
 
     def settings(self) -> Settings:

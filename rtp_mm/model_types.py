@@ -129,9 +129,7 @@ def resolve_model_type(name: str, variable: str = "MODEL_TYPE") -> ModelTypeInfo
     """The registry entry for ``name``; an unknown name raises ConfigError listing every supported name."""
     info = MODEL_TYPES.get(name)
     if info is None:
-        raise ConfigError(
-            f"{variable}={name!r} is not a supported model type; supported: {', '.join(SUPPORTED_NAMES)}"
-        )
+        raise ConfigError(f"{variable}={name!r} is not a supported model type; supported: {', '.join(SUPPORTED_NAMES)}")
     return info
 
 

@@ -175,3 +175,32 @@ def split_per_head(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, t
     """Inverse of interleave_per_head, written independently of rtp-mm's transforms."""
     x = fused.reshape(num_heads, 3, -1, *fused.shape[1:])
     return tuple(x[:, j].reshape(-1, *fused.shape[1:]) for j in range(3))  # type: ignore[return-value]
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_bpe_tokenizer(path: Path, sentences: list[str], vocab_size: int = 300, chat_template: str | None = None):
+    """A byte-level BPE tokenizer trained on ``sentences`` and saved to ``path`` (ids 0/1/2 = <unk>/<s>/</s>, Llama's
+    default bos/eos), so server tests can send text to tiny random models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sentences, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(path))
+    return fast

@@ -1,260 +1,225 @@
-"""The aiohttp application: RTP-LLM's native routes over one ``LLM``.
+"""The aiohttp application: RTP-LLM's native routes and OpenAI's routes over one ``LLM``.
 
-    app = create_app(llm, settings)            # tests, embedding in another aiohttp program
+    app = create_app(None, settings)           # the cleanup context loads the engine and owns it
+    app = create_app(llm, settings)            # tests, embedding in another aiohttp program: llm stays the caller's
     run_server(settings)                       # ``python -m rtp_mm.start_server``
+    with BackgroundServer(app) as url: ...     # serve on a free loopback port from a thread (tests, load script)
 
-Routes (behaviour reference, section 1.1): ``POST /`` (native generation, JSON or SSE), ``GET /``, health probes,
-``GET /worker_status`` and ``POST /tokenizer/encode``. Handlers are thin: parsing and response shapes live in
-``protocol``, the mapping of errors to statuses in ``errors``.
+State lives under typed ``web.AppKey``s (``state``); one cleanup context owns the engine (when the app loaded it),
+the image-decoding thread pool and the image-fetch session. Handlers are thin (``native``, ``openai_routes``);
+parsing and shapes live in ``protocol`` / ``openai_protocol``, the mapping of errors to statuses in ``errors``.
 
-Every generation request holds one slot of the in-flight counter from before generation until its response (or
-stream) is finished, failed or cancelled; a request beyond ``CONCURRENCY_LIMIT`` gets 409/513. A client that
-disconnects cancels its engine requests, which frees their KV blocks.
+Middlewares, outermost first: metrics (requests by route and status), errors (typed errors to JSON bodies), auth
+(with ``API_KEY`` set, every route but the health probes needs ``Authorization: Bearer <API_KEY>``). With
+``handler_cancellation`` on (``run_server``, ``BackgroundServer``), a client that goes away cancels its handler and
+so its engine requests, whose KV blocks are freed at once. Shutdown (SIGINT/SIGTERM) stops accepting connections,
+lets in-flight requests finish for up to ``SHUTDOWN_TIMEOUT_S``, then stops the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from rtp_mm.api import LLM
 from rtp_mm.config import Settings
-from rtp_mm.errors import CapacityExceeded, ConfigError, RtpMmError
-from rtp_mm.llm.engine.engine import RequestOutput
-from rtp_mm.llm.engine.request import Request
-from rtp_mm.server.errors import describe_error, error_middleware
-from rtp_mm.server.protocol import (
-    STREAM_DONE,
-    NativeRequest,
-    SequenceView,
-    check_images,
-    dumps,
-    parse_json_body,
-    parse_native_request,
-    response_body,
-    stream_event,
-    tokenizer_encode_body,
+from rtp_mm.errors import ConfigError
+from rtp_mm.server import native, openai_routes
+from rtp_mm.server.errors import Unauthorized, error_middleware
+from rtp_mm.server.images import ImageIntake, ImageLimits, PublicAddressResolver
+from rtp_mm.server.metrics import ServerMetrics
+from rtp_mm.server.state import (
+    IMAGES_KEY,
+    LIMITER_KEY,
+    LLM_KEY,
+    METRICS_KEY,
+    MODEL_NAME_KEY,
+    SETTINGS_KEY,
+    ConcurrencyLimiter,
 )
 
 logger = logging.getLogger(__name__)
 
-# Prompts of long-context models are large; images (a later route) raise this further.
-MAX_BODY_BYTES = 16 * 2**20
 HEALTH_PATHS = ("/health", "/status", "/health_check", "/GraphService/cm2_status", "/SearchService/cm2_status")
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs "%{User-Agent}i"'
+IMAGE_DECODE_THREADS = 4
 
 
-class ConcurrencyLimiter:
-    """HTTP generation requests in flight (RTP-LLM's ConcurrencyController without its blocking mode).
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS_KEY].observe_response(route, status)
 
-    Invariant: ``0 <= in_flight <= limit``. Only touched from the event loop thread, so it needs no lock.
-    """
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.in_flight = 0
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    api_key = request.app[SETTINGS_KEY].server.api_key
+    if api_key and request.path not in HEALTH_PATHS:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
+    return await handler(request)
 
-    @property
-    def available(self) -> int:
-        return self.limit - self.in_flight
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        if self.in_flight >= self.limit:
-            raise CapacityExceeded(f"Concurrency limit {self.limit} reached")
-        self.in_flight += 1
+def _model_name(llm: LLM) -> str:
+    return Path(llm.model_config.ckpt_path).name or llm.model_type.name
+
+
+def _resources(llm: LLM | None, owns_llm: bool) -> Any:
+    """The one cleanup context: the engine (loaded here when ``llm`` is None), the image-decoding pool and the
+    image-fetch session, all released on cleanup (after in-flight requests finished)."""
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS_KEY]
+        owned = owns_llm or llm is None
+        engine = llm or await asyncio.to_thread(LLM, settings.model, settings.engine)
+        app[LLM_KEY] = engine
+        app[MODEL_NAME_KEY] = _model_name(engine)
+        limits = ImageLimits.from_server_config(settings.server)
+        pool = ThreadPoolExecutor(IMAGE_DECODE_THREADS, thread_name_prefix="rtp-mm-image")
+        session = None
+        if limits.url_hosts:
+            connector = aiohttp.TCPConnector(resolver=PublicAddressResolver())
+            session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": "rtp-mm"})
+        app[IMAGES_KEY] = ImageIntake(limits, pool, session)
         try:
             yield
         finally:
-            self.in_flight -= 1
+            if session is not None:
+                await session.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            if owned:
+                await asyncio.to_thread(engine.shutdown)
+
+    return resources
 
 
-LLM_KEY = web.AppKey("llm", LLM)
-SETTINGS_KEY = web.AppKey("settings", Settings)
-LIMITER_KEY = web.AppKey("limiter", ConcurrencyLimiter)
+def create_app(llm: LLM | None, settings: Settings, *, owns_llm: bool = False) -> web.Application:
+    """The aiohttp app serving ``llm`` (None: loaded from ``settings`` at start-up and owned by the app).
 
-
-# ---- generation -----------------------------------------------------------------------------------------------
-async def _outputs(llm: LLM, requests: list[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(index in ``requests``, output) as the engine produces them, until every request has finished.
-
-    The first failing request raises here. Closing this iterator early (error, disconnect, cancellation) stops the
-    per-request streams, which aborts the unfinished requests in the engine.
-    """
-    queue: asyncio.Queue[tuple[int, RequestOutput | None, Exception | None]] = asyncio.Queue()
-
-    async def pump(index: int, req: Request) -> None:
-        try:
-            async with aclosing(llm.stream_request(req)) as stream:
-                async for out in stream:
-                    queue.put_nowait((index, out, None))
-        except Exception as e:  # handed to the consumer
-            queue.put_nowait((index, None, e))
-
-    tasks = [asyncio.create_task(pump(i, req)) for i, req in enumerate(requests)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, out, error = await queue.get()
-            if error is not None:
-                raise error
-            assert out is not None
-            yield index, out
-            if out.finished:
-                remaining -= 1
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _empty_views(native: NativeRequest) -> list[list[SequenceView]]:
-    return [[SequenceView() for _ in range(native.num_sequences)] for _ in native.prompts]
-
-
-async def _complete(llm: LLM, native: NativeRequest, requests: list[Request]) -> web.Response:
-    views = _empty_views(native)
-    async with aclosing(_outputs(llm, requests)) as outputs:
-        async for index, out in outputs:
-            if out.finished:
-                i, j = divmod(index, native.num_sequences)
-                views[i][j] = SequenceView(out.text, True, out.aux_info)
-    return web.json_response(response_body(native, views), dumps=dumps)
-
-
-async def _stream(
-    request: web.Request, llm: LLM, native: NativeRequest, requests: list[Request]
-) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
-    resp.content_type = "text/event-stream"
-    await resp.prepare(request)
-    views = _empty_views(native)
-    incremental = native.config.return_incremental
-    try:
-        async with aclosing(_outputs(llm, requests)) as outputs:
-            async for index, out in outputs:
-                if incremental:  # an event carries only what is new since the previous event
-                    for view in (v for seqs in views for v in seqs):
-                        view.text = ""
-                i, j = divmod(index, native.num_sequences)
-                views[i][j] = SequenceView(out.delta_text if incremental else out.text, out.finished, out.aux_info)
-                await resp.write(stream_event(response_body(native, views)))
-        await resp.write(STREAM_DONE)
-    except ConnectionResetError:
-        logger.info("client %s closed its stream: its requests are cancelled (499)", request.remote)
-    except RtpMmError as e:
-        await _write_error_event(resp, e)
-    except Exception as e:
-        logger.exception("stream failed with an unexpected error")
-        await _write_error_event(resp, e)
-    return resp
-
-
-async def _write_error_event(resp: web.StreamResponse, error: Exception) -> None:
-    """Headers are sent: the error becomes one more event (RTP-LLM sends no ``[done]`` after it)."""
-    try:
-        await resp.write(stream_event(describe_error(error)[1]))
-    except ConnectionResetError:
-        pass
-
-
-def _make_requests(llm: LLM, native: NativeRequest) -> list[Request]:
-    """Tokenize and validate every (prompt, sequence) pair, prompt-major; raises InvalidRequest subclasses."""
-    configs = native.sequence_configs()
-    return [llm.make_request(prompt, config) for prompt in native.prompts for config in configs]
-
-
-# ---- handlers -------------------------------------------------------------------------------------------------
-async def _json_body(request: web.Request) -> dict:
-    return parse_json_body(await request.read())
-
-
-async def handle_generate(request: web.Request) -> web.StreamResponse:
-    llm = request.app[LLM_KEY]
-    native = parse_native_request(await _json_body(request))
-    check_images(native, llm.model_type)
-    # Tokenizing a long prompt takes milliseconds: off the event loop.
-    requests = await asyncio.to_thread(_make_requests, llm, native)
-    with request.app[LIMITER_KEY].slot():
-        if native.stream:
-            return await _stream(request, llm, native, requests)
-        return await _complete(llm, native, requests)
-
-
-async def handle_home(request: web.Request) -> web.Response:
-    return web.json_response({"status": "home"})
-
-
-async def handle_health(request: web.Request) -> web.Response:
-    return web.json_response("ok")
-
-
-async def handle_worker_status(request: web.Request) -> web.Response:
-    # stats() waits for the engine thread to finish its current step.
-    stats = await asyncio.to_thread(request.app[LLM_KEY].stats)
-    block_size = stats["block_size"]
-    return web.json_response({
-        "available_concurrency": request.app[LIMITER_KEY].available,
-        "available_kv_cache": stats["free_blocks"] * block_size,  # tokens, as RTP-LLM
-        "total_kv_cache": stats["num_blocks"] * block_size,  # rtp-mm reserves no block (RTP-LLM: blocks - 1)
-        "alive": True,
-        "step_latency_ms": stats["last_step_ms"],
-        "iterate_count": stats["step_count"],
-    })
-
-
-def _encode_with_tokens(llm: LLM, prompt: str) -> dict:
-    token_ids = llm.encode(prompt)
-    # As RTP-LLM: each id decoded on its own.
-    return {"token_ids": token_ids, "tokens": [llm.tokenizer.decode([t]) for t in token_ids], "error": ""}
-
-
-async def handle_tokenizer_encode(request: web.Request) -> web.Response:
-    prompt = tokenizer_encode_body(await _json_body(request))
-    body = await asyncio.to_thread(_encode_with_tokens, request.app[LLM_KEY], prompt)
-    return web.json_response(body, dumps=dumps)
-
-
-# ---- application ----------------------------------------------------------------------------------------------
-async def _own_engine(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context of an app that owns its LLM: the engine thread stops with the app."""
-    yield
-    await asyncio.to_thread(app[LLM_KEY].shutdown)
-
-
-def create_app(llm: LLM, settings: Settings, *, owns_llm: bool = False) -> web.Application:
-    """The aiohttp app serving ``llm``. With ``owns_llm`` the app shuts the engine down on cleanup."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
-    app[LLM_KEY] = llm
+    With ``owns_llm`` a given ``llm`` is also shut down on cleanup."""
+    server = settings.server
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=server.max_body_mb * 2**20,
+    )
     app[SETTINGS_KEY] = settings
     app[LIMITER_KEY] = ConcurrencyLimiter(settings.engine.concurrency_limit)
-    if owns_llm:
-        app.cleanup_ctx.append(_own_engine)
-    app.router.add_post("/", handle_generate)
-    app.router.add_get("/", handle_home)
+    app[METRICS_KEY] = ServerMetrics()
+    app.cleanup_ctx.append(_resources(llm, owns_llm))
+    router = app.router
+    router.add_post("/", native.handle_generate)
+    router.add_get("/", native.handle_home)
     for path in HEALTH_PATHS:
-        app.router.add_route("*", path, handle_health)
-    app.router.add_get("/worker_status", handle_worker_status)
-    app.router.add_post("/tokenizer/encode", handle_tokenizer_encode)
+        router.add_route("*", path, native.handle_health)
+    router.add_get("/worker_status", native.handle_worker_status)
+    router.add_post("/tokenizer/encode", native.handle_tokenizer_encode)
+    router.add_get("/metrics", native.handle_metrics)
+    router.add_get("/v1/models", openai_routes.handle_models)
+    router.add_post("/v1/chat/completions", openai_routes.handle_chat_completions)
+    router.add_post("/chat/completions", openai_routes.handle_chat_completions)  # RTP-LLM's alias
+    router.add_post("/v1/completions", openai_routes.handle_completions)
+    router.add_post("/v1/embeddings", openai_routes.handle_embeddings)
     return app
 
 
 def run_server(settings: Settings) -> None:
-    """Load the model, then serve until SIGINT/SIGTERM (the engine is shut down on the way out)."""
-    llm = LLM(settings.model, settings.engine)
-    app = create_app(llm, settings, owns_llm=True)
+    """Load the model, then serve until SIGINT/SIGTERM (in-flight requests finish, then the engine stops)."""
+    app = create_app(None, settings)
     host, port = settings.server.host, settings.server.start_port
 
     def announce(_aiohttp_banner: str) -> None:
         # WARNING so that the one start-up line shows under the default LOG_LEVEL=WARNING.
-        logger.warning("rtp-mm serving %s on http://%s:%d", llm.model_type.name, host, port)
+        logger.warning("rtp-mm serving %s on http://%s:%d", app[LLM_KEY].model_type.name, host, port)
 
     try:
-        # handler_cancellation: a client that goes away mid-request cancels its handler, hence its engine requests.
-        web.run_app(app, host=host, port=port, print=announce, handler_cancellation=True)
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            print=announce,
+            handler_cancellation=True,
+            shutdown_timeout=settings.server.shutdown_timeout_s,
+            access_log_format=ACCESS_LOG_FORMAT,
+        )
     except OSError as e:
-        llm.shutdown()
         raise ConfigError(f"START_PORT={port}: cannot listen on {host}:{port} ({e})") from e
+
+
+class BackgroundServer:
+    """Serves ``app`` on its own event-loop thread, as ``run_server`` does (handler cancellation, access log,
+    graceful shutdown). ``start()`` returns the base URL; ``stop()`` shuts down gracefully."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 60.0):
+        self.app, self.host, self.port, self.shutdown_timeout = app, host, port, shutdown_timeout
+        self.url = ""
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="rtp-mm-server", daemon=True)
+
+    def start(self, timeout: float = 120.0) -> str:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self.url
+
+    def stop(self, timeout: float = 120.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # reported to start()
+            self._error = e
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log_format=ACCESS_LOG_FORMAT,
+            shutdown_timeout=self.shutdown_timeout,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()

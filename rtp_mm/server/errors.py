@@ -7,7 +7,10 @@ clients, proxies and retry logic can tell "fix your request" from "the server fa
 =========================================  =====  ==========================================================
 exception                                  HTTP   why
 =========================================  =====  ==========================================================
+``Unauthorized`` (401)                      401    API_KEY is set and the bearer token is missing or wrong
 ``CapacityExceeded`` (513)                 409    as RTP-LLM: more than CONCURRENCY_LIMIT requests in flight
+``PayloadTooLarge`` (507)                  413    body, image bytes or image pixels over their limits
+``UnprocessableImage`` (507)               422    image data that is not a decodable image, a failed fetch
 ``InvalidRequest`` and subclasses          400    bad JSON, wrong types (507), no/empty prompt (509/510), prompt
                                                   too long (511), bad stop words (512), bad generate_config (516)
 ``RequestTimeout`` (603)                   504    the request's own ``timeout_ms`` ran out while generating;
@@ -22,7 +25,9 @@ aiohttp ``HTTPException`` >= 400           same   507 for 4xx (unknown route, wr
                                                   for 5xx
 =========================================  =====  ==========================================================
 
-A malformed request only ever fails itself: the middleware turns every exception into a response.
+A malformed request only ever fails itself: the middleware turns every exception into a response. Routes under
+``/v1/`` answer OpenAI's error shape instead, ``{"error": {"message", "type", "param", "code"}}``, with the same HTTP
+status and the RTP-LLM error code as ``code`` (an int), so one client can read both.
 """
 
 from __future__ import annotations
@@ -46,9 +51,39 @@ from rtp_mm.server.protocol import dumps
 
 logger = logging.getLogger(__name__)
 
+
+class Unauthorized(RtpMmError):
+    """A missing or wrong bearer token. RTP-LLM has no auth, hence no code of its own: 401 doubles as the code."""
+
+    error_code = 401  # type: ignore[assignment]
+
+
+class InvalidParam(InvalidRequest):
+    """A bad field of an OpenAI request; ``param`` names it in the error body."""
+
+    def __init__(self, message: str, param: str | None = None, error_code: ErrorCode | None = None):
+        super().__init__(message, error_code)
+        self.param = param
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A body, an image's bytes or its pixel count over the configured limit."""
+
+
+class UnprocessableImage(InvalidRequest):
+    """Well-formed JSON whose image cannot be used: not an image, undecodable, or its fetch failed."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 # Checked in order, so subclasses come before their bases.
 _STATUS_BY_ERROR: tuple[tuple[type[RtpMmError], int], ...] = (
+    (Unauthorized, 401),
     (CapacityExceeded, 409),
+    (PayloadTooLarge, 413),
+    (UnprocessableImage, 422),
     (InvalidRequest, 400),
     (RequestTimeout, 504),
     (RequestCancelled, 499),
@@ -72,9 +107,32 @@ def describe_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return 500, error_body(ErrorCode.UNKNOWN_ERROR, f"{type(exc).__name__}: {exc}")
 
 
-def error_response(exc: BaseException) -> web.Response:
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "rate_limit_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+}
+
+
+def openai_error_body(status: int, body: dict[str, Any], param: str | None = None) -> dict[str, Any]:
+    """The OpenAI shape of a ``{"error_code", "message"}`` body."""
+    kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": body["message"], "type": kind, "param": param, "code": body["error_code"]}}
+
+
+def error_response(exc: BaseException, openai_shape: bool = False) -> web.Response:
     status, body = describe_error(exc)
-    return web.json_response(body, status=status, dumps=dumps)
+    if openai_shape:
+        body = openai_error_body(status, body, getattr(exc, "param", None))
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response(body, status=status, dumps=dumps, headers=headers)
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
 
 
 @web.middleware
@@ -84,14 +142,14 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as e:
         if e.status < 400:
             raise  # redirects and the like are not errors
-        return error_response(e)
+        return error_response(e, is_openai_path(request.path))
     except RtpMmError as e:
         status, _ = describe_error(e)
         if status >= 500:
             logger.error("%s %s failed: %s", request.method, request.path, e.message)
         else:
             logger.info("%s %s rejected (%d, %d): %s", request.method, request.path, status, e.error_code, e.message)
-        return error_response(e)
+        return error_response(e, is_openai_path(request.path))
     except Exception as e:
         logger.exception("%s %s failed with an unexpected error", request.method, request.path)
-        return error_response(e)
+        return error_response(e, is_openai_path(request.path))

@@ -11,6 +11,9 @@ Response shapes (section 1.4/1.5): one sequence is ``{"response", "finished", "a
 ``num_return_sequences`` = n > 0 the three fields are lists of n. Stream events are ``data:`` + JSON + CRLF CRLF with
 no space after the colon, and the stream ends with the literal ``data:[done]``.
 
+``images`` (alias ``urls``) is a list of references for one prompt, or one list per prompt of ``prompt_batch``; see
+``images`` for the accepted forms and limits.
+
 Deviations: a message list under ``prompt``/``messages`` (RTP-LLM's "chatapi" format) is refused with 507 until the
 chat renderer exists; token-id prompts are not accepted here (the offline API takes them).
 """
@@ -35,6 +38,43 @@ STREAM_DONE = b"data:[done]\r\n\r\n"
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerateConfig))
 # RTP-LLM's aliases, applied only when the canonical name is absent.
 _CONFIG_ALIASES = {"gen_length": "max_new_tokens"}
+# Unknown-fields policy. RTP-LLM GenerateConfig fields that do not change the generated text are accepted and
+# ignored; those that would change the answer are refused (516) when set, rather than silently not honoured; any
+# other name inside generate_config is a typo, refused with 516. Top-level keys that are no GenerateConfig field are
+# ignored, as RTP-LLM does (clients put request ids and the like there).
+_IGNORED_CONFIG_FIELDS = frozenset(
+    {
+        "yield_generator",
+        "is_streaming",
+        "request_format",
+        "chat_id",
+        "task_id",
+        "md5_value",
+        "custom_prop",
+        "using_hf_sampling",
+        "pad_token_id",
+        "bos_token_id",
+    }
+)
+_UNSUPPORTED_CONFIG_FIELDS = frozenset(
+    {
+        "return_logits",
+        "output_logits",
+        "return_hidden_states",
+        "output_hidden_states",
+        "return_input_ids",
+        "output_input_ids",
+        "return_output_ids",
+        "calculate_loss",
+        "select_tokens_id",
+        "select_tokens_str",
+        "bad_words_list",
+        "top_p_decay",
+        "top_p_min",
+        "top_p_reset_ids",
+        "no_repeat_ngram_size",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +159,21 @@ def _merged_config_dict(body: dict[str, Any]) -> dict[str, Any]:
         raise InvalidRequest(
             f"generate_config must be an object, got {type(nested).__name__}", ErrorCode.GENERATE_CONFIG_FORMAT_ERROR
         )
-    merged = dict(nested)
+    unknown = sorted(
+        set(nested) - _CONFIG_FIELDS - set(_CONFIG_ALIASES) - _IGNORED_CONFIG_FIELDS - _UNSUPPORTED_CONFIG_FIELDS
+    )
+    if unknown:
+        raise InvalidRequest(
+            f"generate_config has unknown field(s) {unknown}; accepted: {sorted(_CONFIG_FIELDS)}",
+            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
+        )
+    unsupported = sorted(k for k in _UNSUPPORTED_CONFIG_FIELDS if nested.get(k) or body.get(k))
+    if unsupported:
+        raise InvalidRequest(
+            f"{unsupported} not supported by rtp-mm (they would change the answer)",
+            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
+        )
+    merged = {k: v for k, v in nested.items() if k not in _UNSUPPORTED_CONFIG_FIELDS}
     merged.update({k: v for k, v in body.items() if k in _CONFIG_FIELDS or k in _CONFIG_ALIASES})
     for alias, canonical in _CONFIG_ALIASES.items():
         if alias in merged:
@@ -143,6 +197,10 @@ def parse_native_request(body: dict[str, Any]) -> NativeRequest:
         images = []
     if not isinstance(images, list):
         raise InvalidRequest("input images should be list")
+    if batched and images:
+        # One list of images per prompt of the batch.
+        if len(images) != len(prompts) or not all(isinstance(group, list) for group in images):
+            raise InvalidRequest(f"images must be a list of {len(prompts)} lists, one per prompt of prompt_batch")
     total = len(prompts) * max(config.num_return_sequences, 1)
     if total > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidRequest(
@@ -152,9 +210,18 @@ def parse_native_request(body: dict[str, Any]) -> NativeRequest:
     return NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
 
 
-def check_images(native: NativeRequest, model_type: ModelTypeInfo) -> None:
-    """Images are accepted only by a model that can encode them (none yet: the vision encoders come later)."""
-    if not native.images:
+def native_image_refs(native: NativeRequest) -> list[Any]:
+    """Every image reference of the request, prompt-major (a batch holds one list per prompt)."""
+    if native.batched:
+        return [ref for group in native.images for ref in group]
+    return list(native.images)
+
+
+def check_images(num_images: int, model_type: ModelTypeInfo) -> None:
+    """Images are accepted only by a model that can encode them (none yet: the vision encoders come later).
+
+    Called after the images were loaded and decoded, so a bad image is reported as such on any model."""
+    if not num_images:
         return
     if model_type.vision:
         raise NotImplementedYetError(
@@ -179,11 +246,13 @@ def response_body(native: NativeRequest, views: list[list[SequenceView]]) -> dic
     groups = []
     for seqs in views:
         if multi:
-            groups.append({
-                "response": [v.text for v in seqs],
-                "finished": all(v.finished for v in seqs),
-                "aux_info": [v.aux_info for v in seqs],
-            })
+            groups.append(
+                {
+                    "response": [v.text for v in seqs],
+                    "finished": all(v.finished for v in seqs),
+                    "aux_info": [v.aux_info for v in seqs],
+                }
+            )
         else:
             groups.append({"response": seqs[0].text, "finished": seqs[0].finished, "aux_info": seqs[0].aux_info})
     return {"response_batch": groups} if native.batched else groups[0]

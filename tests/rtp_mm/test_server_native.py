@@ -7,11 +7,14 @@ Oracles: the offline API on the same engine (``llm.generate``) for texts, the to
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -290,6 +293,14 @@ async def test_tokenizer_encode(client, ckpt):
 
 # ---- malformed requests -----------------------------------------------------------------------------------------
 LONG_PROMPT = "quick brown fox " * 200  # far more than MAX_SEQ_LEN tokens
+
+
+def _png_base64() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 MALFORMED = {
     "invalid-json": (b'{"prompt": "Hello",', 400, 507),
     "body-not-object": (b'["Hello"]', 400, 507),
@@ -306,9 +317,15 @@ MALFORMED = {
     "too-long-streamed": ({"prompt": LONG_PROMPT, "yield_generator": True}, 400, 511),
     "incremental-without-stream": ({"prompt": "Hello", "return_incremental": True}, 400, 507),
     "yield-generator-not-bool": ({"prompt": "Hello", "yield_generator": "yes"}, 400, 507),
-    "images-on-text-model": ({"prompt": "Hello", "images": ["cat.png"]}, 400, 507),
+    "images-on-text-model": ({"prompt": "Hello", "images": [_png_base64()]}, 400, 507),
+    "image-path-while-disabled": ({"prompt": "Hello", "images": ["cat.png"]}, 400, 507),
+    "images-not-aligned-with-batch": ({"prompt_batch": ["a", "b"], "images": [[_png_base64()]]}, 400, 507),
     "images-not-list": ({"prompt": "Hello", "images": "cat.png"}, 400, 507),
     "too-many-sequences": ({"prompt_batch": ["a"] * 600, "num_return_sequences": 2}, 400, 507),
+    "unknown-generate-config-field": ({"prompt": "Hello", "generate_config": {"max_new_tokenz": 3}}, 400, 516),
+    "unsupported-rtp-llm-field": ({"prompt": "Hello", "return_logits": True}, 400, 516),
+    "unsupported-nested-field": ({"prompt": "Hello", "generate_config": {"calculate_loss": 1}}, 400, 516),
+    "float-max-new-tokens": ({"prompt": "Hello", "max_new_tokens": 2.5}, 400, 516),
 }
 
 
@@ -327,6 +344,17 @@ async def test_malformed_request(client, case):
     # The server keeps serving.
     ok = await _post(client, {"prompt": "Hello", "max_new_tokens": 1, **GREEDY})
     assert ok["finished"] is True
+
+
+async def test_huge_max_new_tokens_is_capped_by_max_seq_len(client, llm):
+    # As RTP-LLM: the effective limit is min(max_new_tokens, MAX_SEQ_LEN - prompt_len), not an error.
+    data = await _post(client, {"prompt": "Hello", "max_new_tokens": 10**30, **GREEDY})
+    assert data["aux_info"]["output_len"] == MAX_SEQ_LEN - len(llm.encode("Hello"))
+
+
+async def test_ignored_rtp_llm_fields(client):
+    body = {"prompt": "Hello", "request_id": "abc", "generate_config": {"chat_id": "c1", "max_new_tokens": 2, **GREEDY}}
+    assert (await _post(client, body))["aux_info"]["output_len"] == 2
 
 
 async def test_unknown_route_and_method_are_json_errors(client):

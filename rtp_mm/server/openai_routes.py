@@ -1,0 +1,242 @@
+"""Handlers of the OpenAI routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``POST /v1/embeddings``. Parsing and shapes live in ``openai_protocol``; errors use OpenAI's shape (see ``errors``).
+
+Streams are ``data: <json>\\n\\n`` events ending with ``data: [DONE]``. Per choice: a first chunk with
+``delta.role``, content chunks, then a chunk with ``finish_reason``; with ``stream_options.include_usage`` every
+chunk has ``usage: null`` and one last chunk has ``choices: []`` and the usage. An error after the headers were
+sent is one ``data: {"error": {...}}`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import aclosing
+from typing import Any
+
+from aiohttp import web
+
+from rtp_mm.api import LLM
+from rtp_mm.errors import InvalidRequest, NotImplementedYetError, RtpMmError
+from rtp_mm.llm.engine.engine import RequestOutput
+from rtp_mm.llm.engine.request import Request
+from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
+from rtp_mm.server.generation import engine_outputs, final_outputs
+from rtp_mm.server.native import load_images, read_request_body
+from rtp_mm.server.openai_protocol import (
+    OpenAIRequest,
+    chat_logprobs,
+    completion_logprobs,
+    new_id,
+    now,
+    parse_chat_request,
+    parse_completion_request,
+    usage,
+)
+from rtp_mm.server.protocol import dumps
+from rtp_mm.server.state import LIMITER_KEY, LLM_KEY, METRICS_KEY, MODEL_NAME_KEY
+
+logger = logging.getLogger(__name__)
+DONE = b"data: [DONE]\n\n"
+
+
+def _event(body: Any) -> bytes:
+    return b"data: " + dumps(body).encode() + b"\n\n"
+
+
+class _Answer:
+    """Turns engine outputs of one OpenAI request into choices (chat or text completion)."""
+
+    def __init__(self, llm: LLM, parsed: OpenAIRequest, requests: list[Request], chat: bool, model: str):
+        self.llm, self.parsed, self.requests, self.chat, self.model = llm, parsed, requests, chat, model
+        self.id = new_id("chatcmpl" if chat else "cmpl")
+        self.created = now()
+        self.object = "chat.completion" if chat else "text_completion"
+        self.text_offsets = [0] * len(requests)
+
+    def token_text(self, token: int) -> str:
+        return self.llm.tokenizer.decode([token])
+
+    def _tokens(self, index: int, out: RequestOutput, new_only: bool) -> tuple[list[int], list[dict[int, float]]]:
+        """Generated ids with their logprob entries, without an EOS that ended the request (it has no text)."""
+        ids, lps = out.token_ids, out.logprobs or []
+        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.requests[index].eos_token_ids:
+            ids, lps = ids[:-1], lps[:-1]
+        if new_only:
+            start = len(out.token_ids) - out.num_new_tokens
+            ids, lps = ids[start:], lps[start:]
+        return ids, lps
+
+    def logprobs(self, index: int, out: RequestOutput, new_only: bool = False) -> dict[str, Any] | None:
+        top = self.parsed.logprobs
+        if top is None:
+            return None
+        ids, lps = self._tokens(index, out, new_only)
+        if self.chat:
+            return chat_logprobs(self.token_text, ids, lps, top)
+        result = completion_logprobs(self.token_text, ids, lps, top, self.text_offsets[index])
+        self.text_offsets[index] += sum(len(t) for t in result["tokens"])
+        return result
+
+    def body(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for index, out in enumerate(outs):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": out.text, "refusal": None}
+            else:
+                choice["text"] = out.text
+            choice["logprobs"] = self.logprobs(index, out)
+            choice["finish_reason"] = out.finish_reason
+            choices.append(choice)
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage(outs, self.parsed.n),
+        }
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {
+            "id": self.id,
+            "object": f"{self.object}.chunk" if self.chat else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.parsed.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def delta_choice(self, index: int, text: str, out: RequestOutput | None, finish: str | None) -> dict[str, Any]:
+        logprobs = None if out is None or finish else self.logprobs(index, out, new_only=True)
+        if self.chat:
+            delta = {"content": text} if out is not None or finish else {"role": "assistant", "content": ""}
+            return {"index": index, "delta": {} if finish else delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _model_name(request: web.Request, parsed: OpenAIRequest) -> str:
+    return parsed.model or request.app[MODEL_NAME_KEY]
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    llm = request.app[LLM_KEY]
+    model = {
+        "id": request.app[MODEL_NAME_KEY],
+        "object": "model",
+        "created": 0,
+        "owned_by": "rtp-mm",
+        "root": llm.model_config.ckpt_path,
+        "max_model_len": llm.max_seq_len,
+    }
+    return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
+
+
+def _make_requests(llm: LLM, parsed: OpenAIRequest) -> list[Request]:
+    prompts: list[str | list[int]] = parsed.prompts
+    if parsed.messages:
+        prompts = [llm.chat_ids(parsed.messages)]
+    configs = parsed.sequence_configs()
+    return [llm.make_request(prompt, config) for prompt in prompts for config in configs]
+
+
+async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str, bytes], chat: bool):
+    app = request.app
+    llm = app[LLM_KEY]
+    with app[LIMITER_KEY].slot():
+        await load_images(request, parsed.image_refs, uploads)
+        try:
+            requests = await asyncio.to_thread(_make_requests, llm, parsed)
+        except InvalidRequest as e:
+            raise InvalidParam(e.message, "messages" if chat else "prompt", e.error_code) from None
+        answer = _Answer(llm, parsed, requests, chat, _model_name(request, parsed))
+        if parsed.stream:
+            return await _stream(request, answer)
+        outs = await final_outputs(llm, requests, app[METRICS_KEY])
+        return web.json_response(answer.body(outs), dumps=dumps)
+
+
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    body, uploads = await read_request_body(request)
+    return await _serve(request, parse_chat_request(body), uploads, chat=True)
+
+
+async def handle_completions(request: web.Request) -> web.StreamResponse:
+    body, uploads = await read_request_body(request)
+    return await _serve(request, parse_completion_request(body), uploads, chat=False)
+
+
+async def _stream(request: web.Request, answer: _Answer) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    finals: list[RequestOutput | None] = [None] * len(answer.requests)
+    try:
+        if answer.chat:
+            roles = [answer.delta_choice(i, "", None, None) for i in range(len(answer.requests))]
+            await resp.write(_event(answer.chunk(roles)))
+        outputs = engine_outputs(answer.llm, answer.requests, request.app[METRICS_KEY])
+        async with aclosing(outputs):
+            async for index, out in outputs:
+                if out.num_new_tokens:
+                    choice = answer.delta_choice(index, out.delta_text, out, None)
+                    lp = choice["logprobs"]
+                    # A token with no text yet (a split character, a stop-string prefix, the EOS) sends nothing.
+                    if out.delta_text or (lp is not None and (lp.get("content") or lp.get("tokens"))):
+                        await resp.write(_event(answer.chunk([choice])))
+                if out.finished:
+                    finals[index] = out
+                    finish = answer.delta_choice(index, "", out, out.finish_reason)
+                    await resp.write(_event(answer.chunk([finish])))
+        if answer.parsed.include_usage:
+            chunk = answer.chunk([])
+            chunk["usage"] = usage([o for o in finals if o is not None], answer.parsed.n)
+            await resp.write(_event(chunk))
+        await resp.write(DONE)
+    except ConnectionResetError:
+        logger.info("client %s closed its stream: its requests are cancelled (499)", request.remote)
+    except Exception as e:
+        if not isinstance(e, RtpMmError):
+            logger.exception("stream failed with an unexpected error")
+        status, body = describe_error(e)
+        try:
+            await resp.write(_event(openai_error_body(status, body)) + DONE)
+        except ConnectionResetError:
+            pass
+    return resp
+
+
+async def handle_embeddings(request: web.Request) -> web.Response:
+    llm = request.app[LLM_KEY]
+    body, _ = await read_request_body(request)
+    if not llm.model_type.embedding:
+        raise InvalidParam(
+            f"MODEL_TYPE={llm.model_type.name} is a generative model, not an embedding model: /v1/embeddings needs "
+            "an embedding MODEL_TYPE (e.g. sgpt_bloom_vector)",
+            "model",
+        )
+    embed = getattr(llm, "embed", None)
+    if embed is None:
+        raise NotImplementedYetError(f"MODEL_TYPE={llm.model_type.name}: embeddings are not implemented yet")
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise InvalidParam("input must be a non-empty string or a list of non-empty strings", "input")
+    if body.get("encoding_format", "float") != "float":
+        raise InvalidParam("only encoding_format 'float' is supported", "encoding_format")
+    with request.app[LIMITER_KEY].slot():
+        vectors = await asyncio.to_thread(embed, texts)
+    num_tokens = sum(len(llm.encode(t)) for t in texts)
+    data = [{"object": "embedding", "embedding": [float(x) for x in v], "index": i} for i, v in enumerate(vectors)]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model") or request.app[MODEL_NAME_KEY],
+            "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
+        },
+        dumps=dumps,
+    )
