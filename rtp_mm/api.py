@@ -16,12 +16,12 @@ import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
-from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest
+from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest, NotImplementedYetError
 from rtp_mm.llm.engine import embedding
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
@@ -34,7 +34,16 @@ from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.packing import can_pack, pack_linears
 from rtp_mm.llm.models.transforms import quantize_int8_weights, use_half_weights
-from rtp_mm.model_types import check_model_type_matches, detect_model_type, read_config_json, resolve_model_type
+
+if TYPE_CHECKING:
+    from rtp_mm.vision.runner import VisionRunner
+from rtp_mm.model_types import (
+    ModelTypeInfo,
+    check_model_type_matches,
+    detect_model_type,
+    read_config_json,
+    resolve_model_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +111,6 @@ class LLM:
         engine_config = dataclasses.replace(engine_config or EngineConfig(), **engine_overrides)
         model_config = _resolve_paths(model_config)
         info = resolve_model_type(model_config.model_type)
-        if info.vision:
-            logger.warning("%s: serving the text part only; the vision encoder is not implemented yet", info.name)
         self.model_config = model_config
         self.engine_config = engine_config
         self.model_type = info
@@ -118,6 +125,7 @@ class LLM:
             num_load_processes=engine_config.load_ckpt_num_process,
         )
         self._apply_weight_transforms(model_config)
+        self.vision: VisionRunner | None = self._load_vision(info, model_config, engine_config)
         spec = self.loaded.model.spec
         self.max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
         self.tokenizer = None
@@ -175,6 +183,23 @@ class LLM:
         settings = Settings.from_env(env)
         return cls(settings.model, settings.engine, **overrides)
 
+    def _load_vision(
+        self, info: ModelTypeInfo, model_config: ModelConfig, engine_config: EngineConfig
+    ) -> VisionRunner | None:
+        if not info.vision:
+            return None
+        from rtp_mm.vision.base import load_vision_model
+        from rtp_mm.vision.runner import VisionRunner
+
+        config = read_config_json(model_config.ckpt_path) or {}
+        model = load_vision_model(
+            info.family, model_config.ckpt_path, config, engine_config.extra_data_path, self.device, self.dtype
+        )
+        if model is None:
+            logger.warning("%s: serving the text part only; the vision encoder is not implemented yet", info.name)
+            return None
+        return VisionRunner(model)
+
     def _num_kv_blocks(self, block_size: int) -> int:
         per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype, int8_kv=self.engine_config.int8_kv_cache)
         mem_mb = self.engine_config.kv_cache_mem_mb
@@ -221,15 +246,48 @@ class LLM:
             return list(prompts)
         raise InvalidRequest(f"prompts must be a string, a list of strings or token-id lists, got {type(prompts)}")
 
-    def make_request(self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None) -> Request:
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        generate_config: GenerateConfig | None = None,
+        images: Sequence[Any] | None = None,
+    ) -> Request:
+        """Validate and build one request. ``images`` (PIL images, encoded bytes or file paths) fill the prompt's
+        image placeholders in order; they need a vision MODEL_TYPE. Runs the vision encoder (on this thread)."""
         config = generate_config or GenerateConfig()
-        return self.engine.make_request(self._prompt_ids(prompt), config, request_id=self.engine.new_request_id())
+        ids = self._prompt_ids(prompt)
+        if not images:
+            return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
+        if self.vision is None:
+            if self.model_type.vision:
+                raise NotImplementedYetError(
+                    f"MODEL_TYPE={self.model_type.name}: the vision encoder is not implemented yet; text only"
+                )
+            raise InvalidRequest(f"MODEL_TYPE={self.model_type.name} is a text-only model: images are not accepted")
+        prepared = self.vision.prepare(ids, list(images))
+        return self.engine.make_request(
+            prepared.token_ids,
+            config,
+            mm_inputs=prepared.mm_inputs,
+            request_id=self.engine.new_request_id(),
+            positions=prepared.positions,
+        )
 
     def generate(
-        self, prompts: str | Sequence[str] | Sequence[Sequence[int]], generate_config: GenerateConfig | None = None
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        generate_config: GenerateConfig | None = None,
+        images: Sequence[Any] | Sequence[Sequence[Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion (batched by the engine); outputs in prompt order."""
-        requests = [self.make_request(p, generate_config) for p in self._normalise_prompts(prompts)]
+        """Run every prompt to completion (batched by the engine); outputs in prompt order. ``images``: for one
+        prompt, its list of images; for several prompts, one list per prompt."""
+        items = self._normalise_prompts(prompts)
+        per_prompt: list[Sequence[Any] | None] = [None] * len(items)
+        if images is not None:
+            per_prompt = [images] if len(items) == 1 and not _is_nested(images) else list(images)
+            if len(per_prompt) != len(items):
+                raise InvalidRequest(f"images has {len(per_prompt)} entries for {len(items)} prompts")
+        requests = [self.make_request(p, generate_config, imgs) for p, imgs in zip(items, per_prompt, strict=True)]
         return self.run_requests(requests)
 
     def run_requests(self, requests: list[Request]) -> list[RequestOutput]:
@@ -393,3 +451,8 @@ def _available_ram_bytes() -> int:
     except OSError:
         pass
     return 8 * 2**30
+
+
+def _is_nested(images: Sequence[Any]) -> bool:
+    """True when ``images`` is one list of images per prompt (not one prompt's images)."""
+    return bool(images) and all(isinstance(x, list | tuple) for x in images)

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from rtp_mm.errors import EmptyPromptError, InvalidRequest, PromptTooLongError, RequestTimeout, RtpMmError
+from rtp_mm.errors import (
+    EmptyPromptError,
+    InvalidRequest,
+    NotImplementedYetError,
+    PromptTooLongError,
+    RequestTimeout,
+    RtpMmError,
+)
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.detokenizer import IncrementalDetokenizer
 from rtp_mm.llm.engine.generate_config import GenerateConfig
@@ -83,8 +90,14 @@ class LLMEngine:
         config: GenerateConfig,
         mm_inputs: list[MultimodalInput] | None = None,
         request_id: int | None = None,
+        positions: list[int] | None = None,
     ) -> Request:
-        """Validate and build a Request (does not enqueue it). Raises InvalidRequest subclasses."""
+        """Validate and build a Request (does not enqueue it). Raises InvalidRequest subclasses. ``positions``:
+        explicit rotary positions of the prompt tokens (vision/base.py PreparedPrompt)."""
+        if positions is not None:
+            # The runner does not read Request.positions yet (chatglm4v's image position rule needs it): refuse
+            # rather than run with the wrong positions.
+            raise NotImplementedYetError("explicit prompt positions (chatglm4v images) are not supported yet")
         if not prompt_ids:
             raise EmptyPromptError("prompt is empty: at least one token is needed")
         config.validate()

@@ -38,6 +38,8 @@ class Request:
     max_total_len: int  # prompt + generated tokens may not exceed this (min of MAX_SEQ_LEN and prompt+max_new)
     eos_token_ids: frozenset[int] = frozenset()
     mm_inputs: list[MultimodalInput] = field(default_factory=list)
+    # Explicit rotary positions of the prompt tokens (chatglm4v's image rule); None = 0..n-1 (see vision/base.py).
+    positions: list[int] | None = None
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -10,10 +10,12 @@ sent is one ``data: {"error": {...}}`` event followed by ``data: [DONE]``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from contextlib import aclosing
 from typing import Any
 
+import torch
 from aiohttp import web
 
 from rtp_mm.api import LLM
@@ -209,6 +211,36 @@ async def _stream(request: web.Request, answer: _Answer) -> web.StreamResponse:
     return resp
 
 
+def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
+    """OpenAI's two encodings: a JSON list of floats, or base64 of the little-endian float32 bytes (what the official
+    client asks for by default)."""
+    if encoding == "base64":
+        return base64.b64encode(vector.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
+def parse_embedding_input(inputs: Any) -> list[str] | list[list[int]]:
+    """OpenAI's ``input``: a string, a list of strings, a list of token ids, or a list of token-id lists."""
+
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+    if isinstance(inputs, str) or is_ids(inputs):
+        inputs = [inputs]
+    ok = (
+        isinstance(inputs, list)
+        and inputs
+        and (all(isinstance(t, str) and t for t in inputs) or all(is_ids(t) for t in inputs))
+    )
+    if not ok:
+        raise InvalidParam(
+            "input must be a non-empty string, a list of non-empty strings, a list of token ids or a list of "
+            f"non-empty token-id lists; got {str(inputs)[:80]}",
+            "input",
+        )
+    return inputs
+
+
 async def handle_embeddings(request: web.Request) -> web.Response:
     llm = request.app[LLM_KEY]
     body, _ = await read_request_body(request)
@@ -221,16 +253,20 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     embed = getattr(llm, "embed", None)
     if embed is None:
         raise NotImplementedYetError(f"MODEL_TYPE={llm.model_type.name}: embeddings are not implemented yet")
-    inputs = body.get("input")
-    texts = [inputs] if isinstance(inputs, str) else inputs
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-        raise InvalidParam("input must be a non-empty string or a list of non-empty strings", "input")
-    if body.get("encoding_format", "float") != "float":
-        raise InvalidParam("only encoding_format 'float' is supported", "encoding_format")
+    inputs = parse_embedding_input(body.get("input"))
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidParam(f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
+    is_query = body.get("is_query", False)  # rtp-mm extension: SGPT query brackets instead of document ones
+    if not isinstance(is_query, bool):
+        raise InvalidParam(f"is_query must be a boolean, got {is_query!r}", "is_query")
     with request.app[LIMITER_KEY].slot():
-        vectors = await asyncio.to_thread(embed, texts)
-    num_tokens = sum(len(llm.encode(t)) for t in texts)
-    data = [{"object": "embedding", "embedding": [float(x) for x in v], "index": i} for i, v in enumerate(vectors)]
+        vectors = await asyncio.to_thread(embed, inputs, is_query)
+    num_tokens = sum(len(llm.encode(t)) if isinstance(t, str) else len(t) for t in inputs)
+    data = [
+        {"object": "embedding", "embedding": _encode_vector(vector, encoding), "index": i}
+        for i, vector in enumerate(vectors)
+    ]
     return web.json_response(
         {
             "object": "list",

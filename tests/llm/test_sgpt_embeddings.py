@@ -133,7 +133,8 @@ def _oracle_embedding(model: BloomModel, ids: list[int]) -> torch.Tensor:
     return pooled / pooled.norm()
 
 
-def test_text_inputs_follow_rtp_llm(tmp_path):
+def _tiny_sgpt(tmp_path: Path) -> tuple[BloomModel, Path, dict[str, int]]:
+    """A tiny random SGPT-BLOOM checkpoint in the sentence-transformers layout, with a word-level tokenizer."""
     torch.manual_seed(81)
     model = perturb(BloomModel(BloomConfig(vocab_size=len(WORDS), hidden_size=64, n_layer=2, n_head=4)).eval())
     path = write_checkpoint(
@@ -156,6 +157,11 @@ def test_text_inputs_follow_rtp_llm(tmp_path):
     (path / "1_Pooling").mkdir()
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_weightedmean_tokens": True}))
     vocab = _tokenizer_files(path)
+    return model, path, vocab
+
+
+def test_text_inputs_follow_rtp_llm(tmp_path):
+    model, path, vocab = _tiny_sgpt(tmp_path)
     v = vocab.__getitem__
     with LLM(
         ModelConfig(model_type="sgpt_bloom_vector", ckpt_path=str(path), weight_type="FP32"), kv_cache_mem_mb=8
@@ -173,3 +179,35 @@ def test_text_inputs_follow_rtp_llm(tmp_path):
         (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
         with pytest.raises(InvalidRequest, match="pooling mode 'mean_tokens' is not supported"):
             llm.embed("hello")
+
+
+def test_openai_embeddings_route(tmp_path):
+    """/v1/embeddings through the official client: strings, token ids and the is_query extension give the vectors of
+    LLM.embed, with usage counting the prompt tokens."""
+    import openai
+
+    from rtp_mm import Settings
+    from rtp_mm.server.app import BackgroundServer, create_app
+
+    model, path, vocab = _tiny_sgpt(tmp_path)
+    with LLM(ModelConfig(model_type="sgpt_bloom_vector", ckpt_path=str(path)), kv_cache_mem_mb=8) as llm:
+        app = create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config))
+        with BackgroundServer(app) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            texts = ["Hello World", "search engines rank documents"]
+            reply = client.embeddings.create(model="sgpt", input=texts)
+            assert [d.index for d in reply.data] == [0, 1]
+            expected = llm.embed(texts)
+            for d, want in zip(reply.data, expected, strict=True):
+                assert torch.allclose(torch.tensor(d.embedding), want, atol=1e-6)
+            assert reply.usage.prompt_tokens == sum(len(llm.encode(t)) for t in texts)
+            query = client.embeddings.create(model="sgpt", input="Hello World", extra_body={"is_query": True})
+            assert torch.allclose(torch.tensor(query.data[0].embedding), llm.embed("Hello World", True)[0], atol=1e-6)
+            ids = [vocab["{"], vocab["hello"], vocab["}"]]
+            by_ids = client.embeddings.create(model="sgpt", input=ids)
+            assert torch.allclose(torch.tensor(by_ids.data[0].embedding), llm.embed([ids])[0], atol=1e-6)
+            assert _cosine(torch.tensor(by_ids.data[0].embedding), _oracle_embedding(model, ids)) >= 0.9999
+            with pytest.raises(openai.BadRequestError, match="input must be"):
+                client.embeddings.create(model="sgpt", input=[[]])
+            with pytest.raises(openai.BadRequestError, match="is_query"):
+                client.embeddings.create(model="sgpt", input="x", extra_body={"is_query": "yes"})
