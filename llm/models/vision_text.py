@@ -70,7 +70,7 @@ def llava_text_config(config: dict[str, Any]) -> dict[str, Any]:
         return config
     if not isinstance(text, dict) or not isinstance(text.get("model_type"), str):
         raise CheckpointError("config.json text_config must be an object with a model_type (e.g. 'llama')")
-    if text["model_type"] not in _LLAVA_LMS:
+    if text["model_type"] not in ("llama", "mistral", "qwen2"):
         raise CheckpointError(
             f"config.json text_config.model_type={text['model_type']!r} is not supported for MODEL_TYPE=llava "
             "(supported: llama, mistral, qwen2)"
@@ -79,10 +79,9 @@ def llava_text_config(config: dict[str, Any]) -> dict[str, Any]:
 
     fields = {k: v for k, v in text.items() if k != "model_type"}
     try:
-        full = AutoConfig.for_model(text["model_type"], **fields).to_dict()
+        return AutoConfig.for_model(text["model_type"], **fields).to_dict()
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config.json text_config is not a valid {text['model_type']} config ({e})") from e
-    return full
 
 
 def llava_build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
@@ -100,7 +99,8 @@ def llava_build(config: dict[str, Any], keys: set[str], model_type: str) -> Fami
             f"language_model.model.layers.N..., model.language_model.layers.N...); got {sorted(keys)[:4]} ..."
         )
     family = build(text, renamed, model_type)
-    return _text_only(family, model_type, renamed, LLAVA_VISION, rename=llava_rename)
+    what = "vision_tower.*, mm_projector.* / multi_modal_projector.*, image_newline"
+    return _text_only(family, model_type, renamed, LLAVA_VISION, what, rename=llava_rename)
 
 
 def _original_lm(config: dict[str, Any]) -> str:
@@ -114,13 +114,14 @@ def _original_lm(config: dict[str, Any]) -> str:
 
 
 def qwen_vl_build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
-    return _text_only(qwen_v1.build(config, keys, model_type), model_type, keys, QWEN_VL_VISION)
+    family = qwen_v1.build(config, keys, model_type)
+    return _text_only(family, model_type, keys, QWEN_VL_VISION, "transformer.visual.*")
 
 
 def chatglm4v_build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
     # GLM-4 follows ChatGLM3, not ChatGLM2: rope_ratio (absent in glm-4v-9b, so 1) multiplies the rope base.
     family = chatglm.chatglm2_build(config, keys, "chatglm3")
-    return _text_only(family, model_type, keys, GLM4V_VISION)
+    return _text_only(family, model_type, keys, GLM4V_VISION, "transformer.vision.*")
 
 
 def _text_only(
@@ -128,6 +129,7 @@ def _text_only(
     model_type: str,
     keys: set[str],
     vision: tuple[str, ...],
+    what: str,
     rename: Callable[[str], str] | None = None,
 ) -> FamilyModel:
     """``family`` with the vision tensors dropped (and ``rename`` applied first, when given)."""
@@ -138,7 +140,7 @@ def _text_only(
             "%s: skipping %d vision tensors (%s): only the language model is served until the vision encoder lands",
             model_type,
             skipped,
-            ", ".join(vision),
+            what,
         )
     changes: dict[str, Any] = {"drop": family.drop + vision}
     if rename is not None:

@@ -34,6 +34,7 @@ from oracle import TINY_LLAMA, TINY_QWEN2, check_parity, perturb, random_prompts
 from rtp_mm import GenerateConfig, Settings
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from rtp_mm.llm.models.vision_text import llava_build
 from rtp_mm.model_types import detect_model_type
 from rtp_mm.server.app import create_app
 
@@ -88,7 +89,8 @@ def _llava_15_hf_text_config(text: dict) -> dict:
     return {"architectures": ["LlamaForCausalLM"], **{k: text[k] for k in keep}}
 
 
-def save_llava(model: LlavaForConditionalGeneration, path: Path, layout: str) -> Path:
+def save_llava(model: LlavaForConditionalGeneration, path: Path, layout: str, **original_fields) -> Path:
+    """``model`` written in ``layout`` (see LAYOUTS); ``original_fields`` override the original layout's config."""
     if layout == "save_pretrained":
         model.save_pretrained(str(path))
         return path
@@ -115,6 +117,7 @@ def save_llava(model: LlavaForConditionalGeneration, path: Path, layout: str) ->
         "image_aspect_ratio": "pad",
         "unfreeze_mm_vision_tower": True,
         "use_mm_proj": True,
+        **original_fields,
     }
     return write_checkpoint(path, {_original_name(k): v for k, v in state.items()}, original)
 
@@ -142,8 +145,10 @@ def test_llava_text_parity(tmp_path, llava, layout, caplog):
         check_parity(llm, llava, prompts)
 
 
-def test_llava_next_follows_text_config_model_type(tmp_path):
-    """LLaVA-NeXT over a Qwen2 LM (q/k/v biases, image_newline): the Qwen2 graph, picked by text_config.model_type."""
+@pytest.mark.parametrize("layout", ["save_pretrained", "original"])
+def test_llava_next_qwen2_lm(tmp_path, layout):
+    """LLaVA-NeXT over a Qwen2 LM (q/k/v biases, image_newline): the Qwen2 family (RTP-LLM's QWenV2 defaults to
+    MAX_SEQ_LEN 8192), picked by text_config.model_type (llava-hf) or by LlavaQwenForCausalLM (LLaVA-NeXT's repo)."""
     torch.manual_seed(4)
     config = LlavaNextConfig(
         text_config=Qwen2Config(**TINY_QWEN2),
@@ -153,11 +158,57 @@ def test_llava_next_follows_text_config_model_type(tmp_path):
     )
     model = LlavaNextForConditionalGeneration(config).eval()
     randomize_biases(model.model.language_model)
-    model.save_pretrained(str(tmp_path))
-    assert "image_newline" in load_file(str(tmp_path / "model.safetensors"))
-    with tiny_llm(tmp_path, "llava", max_seq_len=128) as llm:
-        assert llm.loaded.model.spec.qkv_bias
+    original = dict(
+        architectures=["LlavaQwenForCausalLM"],
+        model_type="llava_qwen",
+        image_aspect_ratio="anyres_max_9",
+        mm_patch_merge_type="spatial_unpad",
+        image_grid_pinpoints=[[28, 28], [28, 56]],
+    )
+    path = save_llava(model, tmp_path, layout, **original)
+    assert detect_model_type(json.loads((path / "config.json").read_text())) == "llava"
+    assert any(name.endswith("image_newline") for name in load_file(str(path / "model.safetensors")))
+    with tiny_llm(path, "llava") as llm:
+        assert llm.loaded.model.spec.qkv_bias and llm.max_seq_len == 8192
         check_parity(llm, model, random_prompts(TINY_QWEN2["vocab_size"] - 1, LENGTHS, seed=8))
+
+
+def test_llava_hf_text_config_is_completed_with_the_class_defaults():
+    """llava-1.5-7b-hf and llava-v1.6-mistral-7b-hf write only the text fields that differ from LlamaConfig /
+    MistralConfig defaults; the rest are the released Vicuna-7B / Mistral-7B shapes."""
+    vicuna = {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    }
+    mistral = {
+        "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+        "architectures": ["MistralForCausalLM"],
+        "intermediate_size": 14336,
+        "max_position_embeddings": 32768,
+        "model_type": "mistral",
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32064,
+    }
+    keys = {"language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight"}
+    for arch, text, (inter, kv, theta) in (
+        ("LlavaForConditionalGeneration", vicuna, (11008, 32, 10000.0)),
+        ("LlavaNextForConditionalGeneration", mistral, (14336, 8, 1e6)),
+    ):
+        config = {"architectures": [arch], "model_type": "llava", "text_config": text, "vision_config": {}}
+        spec = llava_build(config, keys, "llava").spec
+        shape = (spec.vocab_size, spec.hidden_size, spec.num_layers, spec.num_heads, spec.head_dim, spec.norm_eps)
+        assert shape == (32064, 4096, 32, 32, 128, 1e-5), arch
+        assert (spec.intermediate_size, spec.num_kv_heads, spec.rope.theta) == (inter, kv, theta), arch
+        assert spec.activation == "silu" and not spec.tie_word_embeddings, arch
 
 
 def test_llava_unknown_text_model_is_a_clear_error(tmp_path, llava):
