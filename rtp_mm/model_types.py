@@ -83,6 +83,8 @@ ARCHITECTURE_TO_MODEL_TYPE: dict[str, str] = {
     "LlavaLlamaForCausalLM": "llava",
     "LlavaForConditionalGeneration": "llava",
     "LlavaNextForConditionalGeneration": "llava",
+    "LlavaMistralForCausalLM": "llava",  # LLaVA-NeXT's own repo (llava-v1.6-mistral-7b)
+    "LlavaQwenForCausalLM": "llava",  # LLaVA-NeXT's own repo (llava-onevision-qwen2)
 }
 
 # HF `model_type` field -> canonical MODEL_TYPE, used when `architectures` is missing or unknown.
@@ -110,6 +112,8 @@ HF_MODEL_TYPE_TO_MODEL_TYPE: dict[str, str] = {
     "llava": "llava",
     "llava_next": "llava",
     "llava_llama": "llava",
+    "llava_mistral": "llava",
+    "llava_qwen": "llava",
 }
 
 # Families that read the same checkpoint layout, so a MODEL_TYPE from one may serve a checkpoint detected as

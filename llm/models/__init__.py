@@ -22,6 +22,7 @@ from rtp_mm.llm.models import (
     phi,
     qwen_v1,
     starcoder2,
+    vision_text,
 )
 from rtp_mm.llm.models.family import FamilyModel
 
@@ -45,6 +46,9 @@ FAMILIES: dict[str, BuildFn] = {
     "chatglm3": chatglm.chatglm2_build,
     "qwen": qwen_v1.build,
     "baichuan": baichuan.build,
+    "llava": vision_text.llava_build,
+    "qwen_vl": vision_text.qwen_vl_build,
+    "chatglm4v": vision_text.chatglm4v_build,
 }
 
 
