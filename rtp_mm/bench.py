@@ -12,8 +12,8 @@ Workloads (all greedy with EOS ignored, so every system generates exactly the sa
   KV capacity (every rtp-mm system): KV blocks in KV_CACHE_MEM_MB and how many sequences of workload (b)'s longest
       request (prompt + max_new_tokens) fit in them at once: what the scheduler can admit concurrently.
 
-The lossy memory modes (INT8 weights, INT8 KV cache) run only ``--lossy-phases`` (default a,c) to keep one run under
-ten minutes on two cores; FP32 and FP16 weights run every workload.
+Only the columns in ``--serve-weight-types`` (default FP32,FP16) run the serving workload (b): it dominates the run
+time, and the memory modes (INT8 weights, INT8 KV cache) are measured by decode speed and KV capacity.
 
 The parent builds the workload once (token ids, so both systems see identical inputs) and runs each system in its
 own ``--worker`` subprocess, so peak RSS is per system and no system inherits another's caches or allocator state.
@@ -215,10 +215,6 @@ class SystemSpec(NamedTuple):
         int8_kv = name.endswith(INT8_KV_SUFFIX)
         weight = WeightType.parse(name.removesuffix(INT8_KV_SUFFIX), "--weight-types").value
         return cls(weight, int8_kv)
-
-    @property
-    def lossy(self) -> bool:
-        return self.int8_kv or self.weight_type == "INT8"
 
     def __str__(self) -> str:
         return self.weight_type + (INT8_KV_SUFFIX if self.int8_kv else "")
@@ -562,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="FP32,FP16,INT8,FP32+INT8KV",
         help="rtp-mm columns: WEIGHT_TYPEs, '+INT8KV' adds INT8_KV_CACHE=1",
     )
-    p.add_argument("--lossy-phases", default="a,c", help="workloads run by INT8-weight and INT8-KV columns")
+    p.add_argument("--serve-weight-types", default="FP32,FP16", help="rtp-mm columns that also run workload (b)")
     p.add_argument("--output", help="markdown file whose '## rtp bench (text engine)' section is written/replaced")
     p.add_argument("--json", help="write every number (and the run's metadata) to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="torch threads per system (0: torch's default)")
@@ -593,14 +589,18 @@ def main(argv: list[str] | None = None) -> int:
         systems_wanted = [SystemSpec.parse(s) for s in args.weight_types.split(",") if s.strip()]
     except RtpMmError as e:
         parser.error(e.message)
-    lossy_phases = ",".join(p for p in phases if p in args.lossy_phases.split(","))
+    try:
+        serving = {SystemSpec.parse(s) for s in args.serve_weight_types.split(",") if s.strip()}
+    except RtpMmError as e:
+        parser.error(e.message)
+    without_b = ",".join(p for p in phases if p != "b")
     # The same loader LLM uses for llm.tokenizer; loaded once here, so the workers get token ids only.
     workload = build_workload(load_tokenizer(str(default_model_path())), args.quick, args.seed)
     load_avg = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="rtp-bench-") as tmp:
         spec = Path(tmp) / "workload.json"
         spec.write_text(json.dumps(asdict(workload)))
-        systems = [("rtp", sp, lossy_phases if sp.lossy else args.only) for sp in systems_wanted]
+        systems = [("rtp", sp, args.only if sp in serving else without_b) for sp in systems_wanted]
         systems += [] if args.skip_hf else [("hf", SystemSpec("FP32"), args.only)]
         results = [run_worker(system, sp, ph, spec, args) for system, sp, ph in systems if ph]
 

@@ -90,8 +90,7 @@ def build_workload_longest(quick: bool) -> int:
 def test_system_specs_parse_weight_type_and_int8_kv():
     assert SystemSpec.parse("fp16") == SystemSpec("FP16", False)
     assert SystemSpec.parse(" FP32+int8kv ") == SystemSpec("FP32", True)
-    assert str(SystemSpec("INT8", False)) == "INT8" and SystemSpec("INT8").lossy
-    assert SystemSpec("FP32", True).lossy and not SystemSpec("FP16").lossy
+    assert str(SystemSpec("INT8", False)) == "INT8" and str(SystemSpec("FP32", True)) == "FP32+INT8KV"
     with pytest.raises(RtpMmError, match="--weight-types"):
         SystemSpec.parse("INT3")
 
