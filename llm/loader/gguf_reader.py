@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rtp_mm.errors import CheckpointError
+from rtp_mm.llm.loader.gguf_format import GGUFArray, GGUFFile
 
 # GGUF tensor name -> HF name; "{}" stands for the layer index, None drops the tensor.
 GGUF_TO_HF: dict[str, str | None] = {
@@ -78,18 +79,16 @@ class GGUFCheckpoint:
     Invariants: ``keys()`` holds the HF name of every tensor that is not dropped; ``get`` returns torch-shaped tensors
     (``[out, in]``), F32/F16/BF16 as stored, quantized types dequantized to float32, q/k rows in HF order. The file
     stays memory-mapped until ``close()``; only the tensor asked for is materialised. ``reader`` is the underlying
-    ``gguf.GGUFReader`` (raw metadata and tensors), None after ``close()``.
+    ``GGUFFile`` (raw metadata and tensors, see gguf_format.py), None after ``close()``.
     """
 
     format = "gguf"
 
     def __init__(self, file: str | Path):
-        import gguf
-
         self.path = Path(file)
         self.files = [self.path]
         try:
-            self.reader = gguf.GGUFReader(self.path)
+            self.reader = GGUFFile(self.path)
         except Exception as exc:  # bad magic, truncated header or tensor data, unknown version
             raise CheckpointError(
                 f"{self.path}: cannot be parsed as GGUF: truncated, corrupt or not a GGUF file "
@@ -109,19 +108,13 @@ class GGUFCheckpoint:
 
     def metadata(self, key: str, default=None):
         """A scalar or string metadata value (arrays are not needed here and not decoded)."""
-        from gguf import GGUFValueType
-
-        field = self.reader.fields.get(key)
-        if field is None or not field.data:
+        value = self.reader.metadata.get(key)
+        if value is None or isinstance(value, GGUFArray):
             return default
-        part = field.parts[field.data[0]]
-        kind = field.types[0]
-        if kind == GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        if kind == GGUFValueType.FLOAT32:
+        if isinstance(value, float):
             # The shortest decimal that is this float32 (1e-05, not 9.999999747378752e-06), as config.json has it.
-            return float(str(np.float32(part[0])))
-        return part.tolist()[0] if kind != GGUFValueType.ARRAY else default
+            return float(str(np.float32(value)))
+        return value
 
     def keys(self) -> list[str]:
         return list(self._tensors)

@@ -375,3 +375,33 @@ def test_torch_block_decoders_equal_gguf_py(qtype):
         got = decode(torch.from_numpy(np.array(data)))
         assert got.dtype == torch.float32 and got.shape == expected.shape
         assert torch.equal(got, expected)
+
+
+def test_own_gguf_parser_equals_gguf_py(gguf_file):
+    """rtp-mm parses GGUF itself (gguf-py decodes every vocabulary entry, seconds per load): same tensors, same
+    types and shapes, the same scalar metadata; arrays are stepped over with their length kept."""
+    from rtp_mm.llm.loader.gguf_format import GGUFArray, GGUFFile
+
+    paths = [gguf_file[0]]
+    try:
+        from rtp_mm.default_model import default_model_path
+
+        paths.append(default_model_path())
+    except Exception:
+        pass
+    for path in paths:
+        ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+        assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+        for a, b in zip(ours.tensors, ref.tensors, strict=True):
+            assert a.tensor_type == b.tensor_type and a.data.shape == b.data.shape, a.name
+            assert np.array_equal(a.data, b.data), a.name
+        for key, field in ref.fields.items():
+            if key.startswith("GGUF."):  # gguf-py's pseudo-fields for the header
+                continue
+            value, kind = ours.metadata[key], field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                assert isinstance(value, GGUFArray) and value.length == len(field.data), key
+            elif kind == gguf.GGUFValueType.STRING:
+                assert value == bytes(field.parts[field.data[0]]).decode(), key
+            else:
+                assert value == field.parts[field.data[0]].tolist()[0], key
