@@ -3,8 +3,9 @@
 llava: a tiny random transformers ``LlavaForConditionalGeneration`` (Llama LM, CLIP tower) is the oracle; its text-only
 generate must match ours whichever way the checkpoint spells the names (what ``save_pretrained`` writes, the
 transformers-4 and transformers-5 llava-hf names, the original ``LlavaLlamaForCausalLM`` names). A LLaVA-NeXT with a
-Qwen2 LM checks that the LM follows ``text_config.model_type``. qwen_vl and chatglm4v: the golden ``text_only`` cases
-(outputs of the original implementations). Images on these models are refused with a clear error until the vision
+Qwen2 LM checks that the LM follows ``text_config.model_type`` (llava-hf) or ``LlavaQwenForCausalLM`` (original).
+qwen_vl and chatglm4v: the golden ``text_only`` cases (outputs of the original implementations), and GLM-4's
+``rope_ratio`` against transformers' Glm. Images on these models are refused with a clear error until the vision
 encoders land.
 """
 
@@ -297,10 +298,10 @@ async def test_image_request_is_a_clear_error(aiohttp_client, tmp_path, llava, m
     if model_type == "llava":
         path = save_llava(llava, tmp_path / "llava", "save_pretrained")
     else:
-        path = GOLDEN / {"qwen_vl": "qwen_vl", "chatglm4v": "glm4v"}[model_type] / "checkpoint"
+        path, _, _ = golden_case({"qwen_vl": "qwen_vl", "chatglm4v": "glm4v"}[model_type])
     with tiny_llm(path, model_type, max_seq_len=128) as llm:
         client = await aiohttp_client(create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config)))
         resp = await client.post("/", json={"prompt": "describe it", "images": ["img0.png"]})
         data = await resp.json()
-        assert resp.status == 501, data
+        assert (resp.status, data["error_code"]) == (501, 515), data
         assert f"MODEL_TYPE={model_type}" in data["message"] and "vision encoder" in data["message"], data
