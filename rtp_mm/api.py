@@ -22,6 +22,7 @@ import torch
 
 from rtp_mm.config import EngineConfig, ModelConfig, Settings, WeightType
 from rtp_mm.errors import ConfigError, EmptyPromptError, EngineDead, InvalidRequest, NotImplementedYetError
+from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
 from rtp_mm.llm.engine import embedding
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
@@ -168,10 +169,19 @@ class LLM:
         model = self.loaded.model
         if model_config.weight_type is WeightType.INT8:
             quantize_int8_weights(model)  # weight-only per-channel int8, quantized here from any checkpoint format
-            self.weight_path = "int8 weight-only"
+            self.weight_path = (
+                "int8 weight-only: upcast to fp32 (block by block when large), fp32 GEMM, per-channel scale"
+                if self.device == "cpu" and self.dtype == torch.float32
+                else "int8 weight-only: dequantize, then F.linear"
+            )
         elif self.weight_storage_dtype is not None:
             use_half_weights(model, self.weight_storage_dtype)
-            self.weight_path = f"{self.weight_storage_dtype} weights"
+            half = str(self.weight_storage_dtype).removeprefix("torch.")
+            self.weight_path = (
+                f"{half} weights: {half} GEMV up to {HALF_GEMV_MAX_ROWS} rows, upcast + fp32 GEMM above"
+                if self.device == "cpu"
+                else f"{half} weights"
+            )
         elif can_pack(model):
             pack_linears(model)
             self.weight_path = "fp32, oneDNN packed GEMM"

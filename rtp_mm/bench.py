@@ -495,6 +495,9 @@ def render_table(results: list[dict[str, Any]], **label_values: Any) -> str:
 
 def notes(results: list[dict[str, Any]]) -> list[str]:
     lines = [f"{system_label(r)}: ERROR {r['error']}" for r in results if "error" in r]
+    paths = [f"{system_label(r)}: {r['weight_path']}" for r in results if r.get("weight_path")]
+    if paths:
+        lines.append("weight matmul path per column: " + "; ".join(paths))
     hf = next((r for r in results if r["system"] == "hf" and "decode_ids" in r), None)
     for r in results:
         if r["system"] == "rtp" and hf is not None and "decode_ids" in r:
