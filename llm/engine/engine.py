@@ -11,7 +11,7 @@ import itertools
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,7 +59,6 @@ class _TextState:
     detokenizer: IncrementalDetokenizer | None
     stop_matcher: StopStringMatcher | None
     text: str = ""
-    pending_delta: list[str] = field(default_factory=list)
 
 
 class LLMEngine:
