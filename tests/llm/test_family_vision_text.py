@@ -11,6 +11,7 @@ encoders land.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from pathlib import Path
@@ -301,7 +302,8 @@ async def test_image_request_is_a_clear_error(aiohttp_client, tmp_path, llava, m
         path, _, _ = golden_case({"qwen_vl": "qwen_vl", "chatglm4v": "glm4v"}[model_type])
     with tiny_llm(path, model_type, max_seq_len=128) as llm:
         client = await aiohttp_client(create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config)))
-        resp = await client.post("/", json={"prompt": "describe it", "images": ["img0.png"]})
+        png = base64.b64encode((GOLDEN / "glm4v" / "img0.png").read_bytes()).decode()
+        resp = await client.post("/", json={"prompt": "describe it", "images": [f"data:image/png;base64,{png}"]})
         data = await resp.json()
         assert (resp.status, data["error_code"]) == (501, 515), data
         assert f"MODEL_TYPE={model_type}" in data["message"] and "vision encoder" in data["message"], data
