@@ -191,8 +191,11 @@ def _interleaved_to_qkv(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(weight.shape)
 
 
-def state_dict_from_checkpoint(tensors: dict[str, torch.Tensor], cfg: QwenVisualConfig) -> dict[str, torch.Tensor]:
-    """The original ``visual.*`` names (prefix stripped) -> QwenVisual's names, checking coverage and shapes."""
+def state_dict_from_checkpoint(
+    tensors: dict[str, torch.Tensor], cfg: QwenVisualConfig, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """The original ``visual.*`` names (prefix stripped) -> QwenVisual's names, checking coverage and every shape
+    against ``shapes`` (QwenVisual's own, from the config)."""
     table = {
         "conv1.weight": "conv1.weight",
         "positional_embedding": "positional_embedding",
@@ -228,6 +231,11 @@ def state_dict_from_checkpoint(tensors: dict[str, torch.Tensor], cfg: QwenVisual
             f"Qwen-VL visual weights do not match config.json visual (layers={cfg.layers}): missing {missing[:6]}, "
             f"unexpected {unknown[:6]}"
         )
+    for src, dst in table.items():
+        if tuple(tensors[src].shape) != shapes[dst]:
+            raise CheckpointError(
+                f"visual weight {src} has shape {tuple(tensors[src].shape)}; config.json visual implies {shapes[dst]}"
+            )
     out = {dst: tensors[src] for src, dst in table.items()}
     for i in range(cfg.layers):
         for p in ("weight", "bias"):
@@ -342,16 +350,10 @@ def load_qwen_vl(
     source = extra_data_path or ckpt_path
     if extra_data_path and not Path(extra_data_path).exists():
         raise CheckpointError(f"EXTRA_DATA_PATH={extra_data_path!r} does not exist")
-    state = state_dict_from_checkpoint(read_visual_tensors(source), cfg)
     with torch.device("meta"):
         visual = QwenVisual(cfg)
-    expected = visual.state_dict()
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{source}: visual weight for {name} has shape {tuple(tensor.shape)}, config.json visual implies "
-                f"{tuple(expected[name].shape)}"
-            )
+    shapes = {name: tuple(t.shape) for name, t in visual.state_dict().items()}
+    state = state_dict_from_checkpoint(read_visual_tensors(source), cfg, shapes)
     visual.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return QwenVLVision(cfg, visual, device, dtype)
 

@@ -67,6 +67,27 @@ def test_pixels_and_vision_embeddings(llm, case):
             _close(a, ref, f"{item['name']} image {k}")
 
 
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param(
+            "cuda", torch.float16, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        ),
+    ],
+)
+def test_half_precision_encoder(case, device, dtype):
+    """The encoder runs in the LM's dtype on any device; rows come back in that dtype, near the fp32 reference."""
+    _, _, expected = case
+    config = json.loads((FOLDER / "checkpoint" / "config.json").read_text())
+    model = load_qwen_vl(str(FOLDER / "checkpoint"), config, "", device, dtype)
+    rows = model.encode([model.preprocess(Image.open(FOLDER / "img0.png"))])[0]
+    ref = expected["vision_embeds_one_image_0"]
+    assert rows.dtype == dtype and rows.device.type == device
+    err = float((rows.float().cpu() - ref).abs().max())
+    assert err < 0.05 * float(ref.abs().max()), err
+
+
 def test_resampler_position_table_is_the_2d_sincos_table():
     ckpt = open_checkpoint(FOLDER / "checkpoint")
     try:
@@ -138,6 +159,26 @@ def test_image_order_matters(llm, case):
     req = llm.make_request(item["input_ids"], cfg, images=_images(item)[::-1])
     got = request_logits(llm, req)
     assert float((got - expected["logits_two_images"]).abs().max()) > 1e-2
+
+
+def test_prefix_cache_keys_include_the_image(llm, case):
+    """Same ids, another image: only the blocks before the image span are reused, and the answer is the one an
+    uncached engine gives; the first image again: its blocks are reused and the golden answer comes back."""
+    ckpt, inputs, expected = case
+    item = next(i for i in inputs if i["name"] == "one_image")
+    other = [str(FOLDER / "img1.png")]
+    cfg = GenerateConfig(max_new_tokens=8, top_k=1, ignore_eos=True)
+    uncached = llm.generate([item["input_ids"]], cfg, images=[other])[0].token_ids
+    start = item["input_ids"].index(START)
+    with tiny_llm(ckpt, "qwen_vl", max_seq_len=1024, reuse_cache=True) as cached:
+        block = cached.model_config.seq_size_per_block
+        first = cached.generate([item["input_ids"]], cfg, images=[_images(item)])[0]
+        swapped = cached.generate([item["input_ids"]], cfg, images=[other])[0]
+        again = cached.generate([item["input_ids"]], cfg, images=[_images(item)])[0]
+    assert first.token_ids == again.token_ids == expected["greedy_one_image"].tolist()
+    assert swapped.token_ids == uncached != first.token_ids
+    assert swapped.aux_info["reuse_len"] <= (start + 1) // block * block
+    assert again.aux_info["reuse_len"] > start + 256
 
 
 # ---- placeholder expansion ------------------------------------------------------------------------------------
@@ -234,7 +275,9 @@ def test_bad_visual_weights_are_clear_errors(tmp_path):
     tensors = _visual_tensors()
     tensors["transformer.visual.proj"] = torch.zeros(64, 128)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"proj.*\(64, 128\).*\(128, 128\)"):
+    with pytest.raises(
+        CheckpointError, match=r"weight proj has shape \(64, 128\); config.json visual implies \(128, 128"
+    ):
         load_qwen_vl("unused", config, str(tmp_path), "cpu", torch.float32)
     with pytest.raises(CheckpointError, match="output_dim=128 != hidden_size=256"):
         load_qwen_vl("unused", {**config, "hidden_size": 256}, str(tmp_path), "cpu", torch.float32)
