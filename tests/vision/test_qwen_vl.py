@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from oracle import tiny_llm
 from rtp_mm import GenerateConfig
-from rtp_mm.errors import CheckpointError, InvalidRequest
+from rtp_mm.errors import CheckpointError, InvalidRequest, PromptTooLongError
 from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.loader import open_checkpoint
@@ -215,6 +215,11 @@ def test_request_errors_through_the_api(llm, case):
         llm.generate([one["input_ids"]], GenerateConfig(max_new_tokens=1), images=[_images(one) * 2])
     with pytest.raises(InvalidRequest, match="not closed"):
         llm.generate([one["input_ids"][:40]], GenerateConfig(max_new_tokens=1), images=[_images(one)])
+    # 30 ids with three hand-made 2-id spans expand to 792 ids: over MAX_SEQ_LEN although 30 ids are not.
+    short = [5, 6, *_span([7, 8]), 9] * 3 + [10] * 12
+    with tiny_llm(case[0], "qwen_vl", max_seq_len=len(short) + 3 * 256 - 250) as small:
+        with pytest.raises(PromptTooLongError, match="max_seq_len"):
+            small.generate([short], GenerateConfig(max_new_tokens=1), images=[_images(one) * 3])
 
 
 def test_image_placeholder_is_qwen_vl_chat_text(llm):
