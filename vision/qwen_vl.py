@@ -146,7 +146,7 @@ class QwenVisual(nn.Module):
         w, d = cfg.width, cfg.output_dim
         self.cfg = cfg
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.positional_embedding = nn.Parameter(torch.empty(256, w))
+        self.positional_embedding = nn.Parameter(torch.empty(256, w))  # a 16x16 grid, resized to the patch grid
         self.ln_pre = nn.LayerNorm(w, eps=LN_EPS)
         self.blocks = nn.ModuleList(ViTBlock(w, cfg.heads, cfg.mlp_width) for _ in range(cfg.layers))
         self.pool_heads = d // 128
