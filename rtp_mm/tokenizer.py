@@ -73,7 +73,7 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
             f"TOKENIZER_PATH={tokenizer_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "point TOKENIZER_PATH at them, or run on token ids only (skip_tokenizer_init=True)"
         )
-    adapter = _legacy_adapter(path)
+    adapter = _legacy_adapter(path, family)
     if adapter is not None:
         return adapter
     from transformers import AutoTokenizer
@@ -84,13 +84,17 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
         raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r}: the tokenizer failed to load ({e})") from e
 
 
-def _legacy_adapter(path: Path) -> Any | None:
+def _legacy_adapter(path: Path, family: str | None = None) -> Any | None:
     """rtp-mm's own tokenizers for checkpoints whose tokenizer class is remote code (no tokenizer.json shipped)."""
     if (path / "tokenizer.json").exists():
         return None
     if (path / "qwen.tiktoken").exists():
         from rtp_mm.tokenizers.qwen import QwenTokenizer
 
+        if family == "qwen_vl":  # same vocabulary file, plus the image/grounding specials and <img> spans
+            from rtp_mm.tokenizers.qwen_vl import QwenVLTokenizer
+
+            return QwenVLTokenizer.from_dir(path)
         return QwenTokenizer.from_dir(path)
     from rtp_mm.tokenizers.sentencepiece import SENTENCEPIECE_CLASSES, SentencePieceTokenizer
 
