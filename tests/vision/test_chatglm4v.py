@@ -213,3 +213,13 @@ def test_two_images_each_keep_their_span(llm, golden):
     assert prepared.positions == [0, 1, 2, 3, 4, 5, 5, 5, 5, 6, 7, 8, 9, 9, 9, 9, 10, 11, 12]
     assert [mm.offset for mm in prepared.mm_inputs] == [4, 11]
     assert_logits_close(prepared.mm_inputs[1].embeds, expected["vision_embeds_image_gray_long_0"], "second image")
+
+
+def test_generated_tokens_continue_from_the_last_prompt_position(llm):
+    """Prompt tokens take the explicit positions; generated ones count on from the last of them (the un-expanded
+    length for an image prompt), whatever range a chunk or a recompute asks for."""
+    req = llm.engine.make_request([5] * 6, GenerateConfig(max_new_tokens=4), positions=[0, 1, 2, 2, 2, 3])
+    req.output_ids += [7, 8, 9]
+    assert req.positions_of(0, 9) == [0, 1, 2, 2, 2, 3, 4, 5, 6]
+    assert req.positions_of(4, 8) == [2, 3, 4, 5]
+    assert req.positions_of(7, 8) == [5]
