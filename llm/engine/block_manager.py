@@ -91,6 +91,7 @@ class BlockManager:
                 extra = self._block_extra(req, i * bs, (i + 1) * bs)
                 if "" in extra:
                     break
+                extra += _position_key(req, i * bs, (i + 1) * bs)
                 hashes.append(hash_block(parent, ids[i * bs : (i + 1) * bs], extra))
         return hashes[:want]
 
@@ -178,3 +179,14 @@ class BlockManager:
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()
+
+
+def _position_key(req: Request, start: int, end: int) -> tuple[str, ...]:
+    """Explicit rotary positions of a block (chatglm4v images) where they differ from the plain indices: K/V depend
+    on positions, so blocks are only shared between requests whose tokens sit at the same positions."""
+    if req.positions is None:
+        return ()
+    positions = req.positions_of(start, end)
+    if positions == list(range(start, end)):
+        return ()
+    return ("pos:" + ",".join(map(str, positions)),)

@@ -19,7 +19,6 @@ import torch
 from rtp_mm.errors import (
     EmptyPromptError,
     InvalidRequest,
-    NotImplementedYetError,
     PromptTooLongError,
     RequestTimeout,
     RtpMmError,
@@ -93,10 +92,6 @@ class LLMEngine:
     ) -> Request:
         """Validate and build a Request (does not enqueue it). Raises InvalidRequest subclasses. ``positions``:
         explicit rotary positions of the prompt tokens (vision/base.py PreparedPrompt)."""
-        if positions is not None:
-            # The runner does not read Request.positions yet (chatglm4v's image position rule needs it): refuse
-            # rather than run with the wrong positions.
-            raise NotImplementedYetError("explicit prompt positions (chatglm4v images) are not supported yet")
         if not prompt_ids:
             raise EmptyPromptError("prompt is empty: at least one token is needed")
         config.validate()
@@ -114,8 +109,12 @@ class LLMEngine:
         if needed > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
                                      f"{self.block_manager.num_blocks}")
+        if positions is not None:
+            _check_positions(positions, prompt_len)
         bidirectional_len = 0
         prefix_lm = self.runner.model.spec.prefix_lm
+        if prefix_lm is not None and positions is not None:
+            raise InvalidRequest("explicit prompt positions are not accepted by a prefix-LM (GLM v1/130B) model")
         if prefix_lm is not None:
             bidirectional_len = prefix_lm.bidirectional_len(prompt_ids)  # InvalidRequest without [gMASK]/<sop>
             budget = self.scheduler.max_num_batched_tokens
@@ -139,6 +138,7 @@ class LLMEngine:
             mm_inputs=list(mm_inputs or ()),
             generator=generator,
             bidirectional_len=bidirectional_len,
+            positions=list(positions) if positions is not None else None,
         )
 
     @property
@@ -288,3 +288,11 @@ class LLMEngine:
             "last_step_ms": self.last_step_ms,
         }
 
+
+def _check_positions(positions: list[int], prompt_len: int) -> None:
+    """Explicit positions: one non-negative int per prompt token (PreparedPrompt.positions)."""
+    if len(positions) != prompt_len:
+        raise InvalidRequest(f"positions has {len(positions)} entries for a prompt of {prompt_len} tokens")
+    bad = [p for p in positions if not isinstance(p, int) or isinstance(p, bool) or p < 0]
+    if bad:
+        raise InvalidRequest(f"positions must be non-negative integers, got {bad[:5]}")

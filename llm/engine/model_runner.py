@@ -84,7 +84,10 @@ class ModelRunner:
             ids.extend(tokens)
             span = range(seq.start, end)
             prefix_lm = self.model.spec.prefix_lm
-            positions.extend(prefix_lm.positions(req.prompt_ids, seq.start, end) if prefix_lm else span)
+            if req.positions is not None:  # chatglm4v: all rows of an image share one position
+                positions.extend(req.positions_of(seq.start, end))
+            else:
+                positions.extend(prefix_lm.positions(req.prompt_ids, seq.start, end) if prefix_lm else span)
             seq_lens.extend([end] * seq.num_new_tokens)
             prompt_lens.extend([req.num_prompt_tokens] * seq.num_new_tokens)
             table = seq.block_table

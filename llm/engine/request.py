@@ -74,3 +74,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    def positions_of(self, start: int, end: int) -> list[int]:
+        """Explicit rotary positions of sequence indices [start, end): prompt tokens take ``positions``, generated
+        tokens continue from the last prompt position + 1. Requires ``positions`` (None means plain indices)."""
+        assert self.positions is not None
+        n = len(self.positions)
+        head = self.positions[start : min(end, n)]
+        last = self.positions[-1]
+        return head + [last + 1 + t - n for t in range(max(start, n), end)]

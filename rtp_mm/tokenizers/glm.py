@@ -219,12 +219,18 @@ class ChatGLM2Tokenizer:
         return ids + [self.special_ids["<|assistant|>"]]
 
 
-def load_glm_tokenizer(path: Path, family: str) -> ChatGLMTokenizer | ChatGLM2Tokenizer | None:
+def load_glm_tokenizer(path: Path, family: str) -> Any:
     """The adapter for a GLM checkpoint folder holding the original vocabulary and no tokenizer.json, else None."""
     if (path / "tokenizer.json").exists():
         return None
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if (config.get("tokenizer_class") == "ChatGLM4Tokenizer" or family == "chatglm4v") and (
+        path / "tokenizer.model"
+    ).exists():
+        from rtp_mm.tokenizers.glm4 import GLM4Tokenizer  # GLM-4's tokenizer.model is tiktoken, not sentencepiece
+
+        return GLM4Tokenizer.from_dir(path)
     if family == "chatglm" and (path / "ice_text.model").exists():
         return ChatGLMTokenizer(path / "ice_text.model", int(config.get("num_image_tokens", 0)))
     if family in ("chatglm2", "chatglm3") and (path / "tokenizer.model").exists():

@@ -294,7 +294,7 @@ def _prompt_positions(llm, prompt: list[int]) -> torch.Tensor:
 # ---- images are refused until the vision encoders land ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["llava", "chatglm4v"])  # qwen_vl: tests/vision/test_qwen_vl.py
+@pytest.mark.parametrize("model_type", ["llava"])  # qwen_vl, chatglm4v: their encoders in tests/vision
 async def test_image_request_is_a_clear_error(aiohttp_client, tmp_path, llava, model_type):
     if model_type == "llava":
         path = save_llava(llava, tmp_path / "llava", "save_pretrained")
