@@ -259,11 +259,7 @@ class LLM:
         if not images:
             return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
         if self.vision is None:
-            if self.model_type.vision:
-                raise NotImplementedYetError(
-                    f"MODEL_TYPE={self.model_type.name}: the vision encoder is not implemented yet; text only"
-                )
-            raise InvalidRequest(f"MODEL_TYPE={self.model_type.name} is a text-only model: images are not accepted")
+            self._refuse_images()
         prepared = self.vision.prepare(ids, list(images))
         return self.engine.make_request(
             prepared.token_ids,
@@ -272,6 +268,13 @@ class LLM:
             request_id=self.engine.new_request_id(),
             positions=prepared.positions,
         )
+
+    def _refuse_images(self) -> None:
+        if self.model_type.vision:
+            raise NotImplementedYetError(
+                f"MODEL_TYPE={self.model_type.name}: the vision encoder is not implemented yet; text only"
+            )
+        raise InvalidRequest(f"MODEL_TYPE={self.model_type.name} is a text-only model: images are not accepted")
 
     def generate(
         self,
@@ -323,12 +326,35 @@ class LLM:
             return list(encode_chat(messages))
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
+        """Prompt ids of one conversation and the image sources of its image parts, in order. Image parts (OpenAI
+        ``image_url`` or ``{"type": "image", "image": x}``) become the vision model's placeholder text first."""
+        from rtp_mm.vision.chat import has_image_parts, render_image_parts
+
+        if not has_image_parts(messages):
+            return self.chat_ids(messages), []
+        if self.vision is None:
+            self._refuse_images()
+        rendered, sources = render_image_parts(messages, self.vision.model.image_placeholder)
+        return self.chat_ids(rendered), sources
+
     def chat(
-        self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], generate_config: GenerateConfig | None = None
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        generate_config: GenerateConfig | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; the model's chat template is applied."""
+        """One conversation (a list of messages) or several; the model's chat template is applied. Messages may hold
+        image parts (data: URLs, paths, bytes or PIL images), rendered as the model's image placeholders."""
+        from rtp_mm.vision.chat import load_source
+
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        return self.generate([self.chat_ids(c) for c in conversations], generate_config)
+        prompts, images = [], []
+        for conversation in conversations:
+            ids, sources = self.chat_prompt(conversation)
+            prompts.append(ids)
+            images.append([load_source(src, k) for k, src in enumerate(sources)])
+        requests = [self.make_request(p, generate_config, imgs) for p, imgs in zip(prompts, images, strict=True)]
+        return self.run_requests(requests)
 
     def embed(
         self,
@@ -386,10 +412,17 @@ class LLM:
         return embedding.l2_normalize(torch.stack(pooled))
 
     async def generate_stream(
-        self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None
+        self,
+        prompt: str | Sequence[int],
+        generate_config: GenerateConfig | None = None,
+        images: Sequence[Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs of one prompt; leaving the iterator early cancels the request."""
-        req = self.make_request(prompt, generate_config)
+        """Incremental outputs of one prompt; leaving the iterator early cancels the request. The vision encoder (if
+        ``images``) runs in a worker thread, not on the event loop."""
+        if images:
+            req = await asyncio.to_thread(self.make_request, prompt, generate_config, images)
+        else:
+            req = self.make_request(prompt, generate_config)
         async for out in self.stream_request(req):
             yield out
 
@@ -422,10 +455,15 @@ class LLM:
     def stats(self) -> dict[str, Any]:
         if not self._loop.alive:
             raise EngineDead("the engine is not running")
-        return self._loop.call(lambda engine: engine.stats())
+        stats = self._loop.call(lambda engine: engine.stats())
+        if self.vision is not None:
+            stats.update(self.vision.stats())  # encoder-cache hits/misses, images encoded, ViT batches
+        return stats
 
     def shutdown(self) -> None:
         self._loop.shutdown()
+        if self.vision is not None:
+            self.vision.close()
 
     def __enter__(self) -> LLM:
         return self
