@@ -113,10 +113,8 @@ class LLMEngine:
             raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         needed = self.block_manager.blocks_needed(prompt_len + 1)
         if needed > self.block_manager.num_blocks:
-            raise PromptTooLongError(
-                f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
-                f"{self.block_manager.num_blocks}"
-            )
+            raise PromptTooLongError(f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
+                                     f"{self.block_manager.num_blocks}")
         bidirectional_len = 0
         prefix_lm = self.runner.model.spec.prefix_lm
         if prefix_lm is not None:
@@ -290,3 +288,4 @@ class LLMEngine:
             "step_count": self.step_count,
             "last_step_ms": self.last_step_ms,
         }
+
