@@ -34,7 +34,7 @@ DEFAULT_PREPROCESS_WORKERS = 4
 EncodeFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-def to_pil(image: Any) -> Any:
+def to_pil(image: Any, index: int = 0) -> Any:
     """A PIL image from a PIL image, raw encoded bytes, or a local file path (the offline API's inputs)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -46,8 +46,8 @@ def to_pil(image: Any) -> Any:
         if isinstance(image, str | Path):
             return Image.open(image)
     except (OSError, UnidentifiedImageError) as e:
-        raise InvalidRequest(f"image is not a decodable image: {e}") from None
-    raise InvalidRequest(f"image must be a PIL image, bytes or a file path, got {type(image).__name__}")
+        raise InvalidRequest(f"image {index} is not a decodable image: {e}") from None
+    raise InvalidRequest(f"image {index} must be a PIL image, bytes or a file path, got {type(image).__name__}")
 
 
 def image_hash(image: Any) -> str:
@@ -60,7 +60,7 @@ def image_hash(image: Any) -> str:
 
 def _load_and_hash(image: Any, index: int) -> tuple[Any, str]:
     """Runs in the pool: open (lazy files are decoded here, not on the caller's thread) and hash one image."""
-    pil = to_pil(image)
+    pil = to_pil(image, index)
     try:
         pil.load()
     except (OSError, SyntaxError, ValueError) as e:
