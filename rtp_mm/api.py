@@ -253,14 +253,16 @@ class LLM:
         images: Sequence[Any] | None = None,
     ) -> Request:
         """Validate and build one request. ``images`` (PIL images, encoded bytes or file paths) fill the prompt's
-        image placeholders in order; they need a vision MODEL_TYPE. Runs the vision encoder (on this thread)."""
+        image placeholders in order; they need a vision MODEL_TYPE. Runs the vision encoder (on this thread, its
+        preprocessing in the VisionRunner's pool)."""
         config = generate_config or GenerateConfig()
         ids = self._prompt_ids(prompt)
-        if not images:
-            return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
         if self.vision is None:
-            self._refuse_images()
-        prepared = self.vision.prepare(ids, list(images))
+            if images:
+                self._refuse_images()
+            return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
+        # A vision model checks every prompt, image or not: a placeholder without its image is a per-request error.
+        prepared = self.vision.prepare(ids, list(images or ()))
         return self.engine.make_request(
             prepared.token_ids,
             config,
