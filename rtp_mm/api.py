@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -292,8 +293,19 @@ class LLM:
             per_prompt = [images] if len(items) == 1 and not _is_nested(images) else list(images)
             if len(per_prompt) != len(items):
                 raise InvalidRequest(f"images has {len(per_prompt)} entries for {len(items)} prompts")
-        requests = [self.make_request(p, generate_config, imgs) for p, imgs in zip(items, per_prompt, strict=True)]
-        return self.run_requests(requests)
+        return self.run_requests(self._make_requests(items, per_prompt, generate_config))
+
+    def _make_requests(
+        self, prompts: list[Any], images: list[Sequence[Any] | None], config: GenerateConfig | None
+    ) -> list[Request]:
+        """One request per prompt. Prompts with images are prepared on parallel threads, so the VisionRunner
+        encodes the images of the whole call in shared batches instead of one prompt at a time."""
+        pairs = list(zip(prompts, images, strict=True))
+        with_images = sum(1 for _, imgs in pairs if imgs)
+        if self.vision is None or with_images < 2:
+            return [self.make_request(p, config, imgs) for p, imgs in pairs]
+        with ThreadPoolExecutor(min(with_images, 8), thread_name_prefix="rtp-mm-prepare") as pool:
+            return list(pool.map(lambda pair: self.make_request(pair[0], config, pair[1]), pairs))
 
     def run_requests(self, requests: list[Request]) -> list[RequestOutput]:
         results: dict[int, RequestOutput] = {}
@@ -355,8 +367,7 @@ class LLM:
             ids, sources = self.chat_prompt(conversation)
             prompts.append(ids)
             images.append([load_source(src, k) for k, src in enumerate(sources)])
-        requests = [self.make_request(p, generate_config, imgs) for p, imgs in zip(prompts, images, strict=True)]
-        return self.run_requests(requests)
+        return self.run_requests(self._make_requests(prompts, images, generate_config))
 
     def embed(
         self,

@@ -119,3 +119,19 @@ def test_backend_slot_replaces_the_encoder():
     assert calls == [1] and fake.batch_sizes == []
     assert torch.equal(out.mm_inputs[0].embeds, torch.full((ROWS, HIDDEN), 0.5))
     runner.close()
+
+
+def test_one_generate_call_encodes_its_prompts_images_together(ckpt):
+    path, image_id = ckpt
+    prompts = _prompts(image_id)[:3]
+    images = [[picture(20)], [picture(21)], [picture(22)]]
+    with registered():
+        llm = tiny_llm(path, MODEL_TYPE)
+    try:
+        llm.vision.gather_s = 0.3
+        outs = llm.generate(prompts, CFG, images=images)
+        alone = [llm.generate([p], CFG, images=[im])[0].token_ids for p, im in zip(prompts, images, strict=True)]
+        assert [o.token_ids for o in outs] == alone
+        assert sum(llm.vision.model.batch_sizes) == 3 and max(llm.vision.model.batch_sizes) >= 2
+    finally:
+        llm.shutdown()
