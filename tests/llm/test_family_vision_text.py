@@ -10,6 +10,8 @@ encoders land.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from glm_oracle import chatglm2_config, glm_to_chatglm2_state
 from golden_legacy import GOLDEN, check_golden, golden_case
 from original_layout import hf_state, randomize_biases
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     CLIPVisionConfig,
@@ -300,7 +303,11 @@ async def test_image_request_is_a_clear_error(aiohttp_client, tmp_path, llava, m
         path = GOLDEN / {"qwen_vl": "qwen_vl", "chatglm4v": "glm4v"}[model_type] / "checkpoint"
     with tiny_llm(path, model_type, max_seq_len=128) as llm:
         client = await aiohttp_client(create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config)))
-        resp = await client.post("/", json={"prompt": "describe it", "images": ["img0.png"]})
+        # A decodable image (a bare file name is refused by the image intake before the model is asked).
+        png = io.BytesIO()
+        Image.new("RGB", (4, 4)).save(png, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        resp = await client.post("/", json={"prompt": "describe it", "images": [image]})
         data = await resp.json()
         assert resp.status == 501, data
         assert f"MODEL_TYPE={model_type}" in data["message"] and "vision encoder" in data["message"], data
