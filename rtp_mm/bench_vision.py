@@ -128,7 +128,7 @@ def run(cases: dict[str, BenchCase], batches: list[int], repeats: int, families:
     import rtp_mm.vision  # noqa: F401  (importing it registers the encoders)
     from rtp_mm.vision.base import VISION_LOADERS
 
-    wanted = families or sorted(VISION_LOADERS)
+    wanted = families or sorted(set(VISION_LOADERS) | set(cases))  # an unregistered family shows as an error row
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rtp-bench-vision-") as tmp:
         for family in wanted:
