@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -263,18 +264,16 @@ class LLM:
         images: Sequence[Any] | None = None,
     ) -> Request:
         """Validate and build one request. ``images`` (PIL images, encoded bytes or file paths) fill the prompt's
-        image placeholders in order; they need a vision MODEL_TYPE. Runs the vision encoder (on this thread)."""
+        image placeholders in order; they need a vision MODEL_TYPE. Runs the vision encoder (on this thread, its
+        preprocessing in the VisionRunner's pool)."""
         config = generate_config or GenerateConfig()
         ids = self._prompt_ids(prompt)
-        if not images:
-            return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
         if self.vision is None:
-            if self.model_type.vision:
-                raise NotImplementedYetError(
-                    f"MODEL_TYPE={self.model_type.name}: the vision encoder is not implemented yet; text only"
-                )
-            raise InvalidRequest(f"MODEL_TYPE={self.model_type.name} is a text-only model: images are not accepted")
-        prepared = self.vision.prepare(ids, list(images))
+            if images:
+                self._refuse_images()
+            return self.engine.make_request(ids, config, request_id=self.engine.new_request_id())
+        # A vision model checks every prompt, image or not: a placeholder without its image is a per-request error.
+        prepared = self.vision.prepare(ids, list(images or ()))
         return self.engine.make_request(
             prepared.token_ids,
             config,
@@ -282,6 +281,13 @@ class LLM:
             request_id=self.engine.new_request_id(),
             positions=prepared.positions,
         )
+
+    def _refuse_images(self) -> None:
+        if self.model_type.vision:
+            raise NotImplementedYetError(
+                f"MODEL_TYPE={self.model_type.name}: the vision encoder is not implemented yet; text only"
+            )
+        raise InvalidRequest(f"MODEL_TYPE={self.model_type.name} is a text-only model: images are not accepted")
 
     def generate(
         self,
@@ -297,8 +303,19 @@ class LLM:
             per_prompt = [images] if len(items) == 1 and not _is_nested(images) else list(images)
             if len(per_prompt) != len(items):
                 raise InvalidRequest(f"images has {len(per_prompt)} entries for {len(items)} prompts")
-        requests = [self.make_request(p, generate_config, imgs) for p, imgs in zip(items, per_prompt, strict=True)]
-        return self.run_requests(requests)
+        return self.run_requests(self._make_requests(items, per_prompt, generate_config))
+
+    def _make_requests(
+        self, prompts: list[Any], images: list[Sequence[Any] | None], config: GenerateConfig | None
+    ) -> list[Request]:
+        """One request per prompt. Prompts with images are prepared on parallel threads, so the VisionRunner
+        encodes the images of the whole call in shared batches instead of one prompt at a time."""
+        pairs = list(zip(prompts, images, strict=True))
+        with_images = sum(1 for _, imgs in pairs if imgs)
+        if self.vision is None or with_images < 2:
+            return [self.make_request(p, config, imgs) for p, imgs in pairs]
+        with ThreadPoolExecutor(min(with_images, 8), thread_name_prefix="rtp-mm-prepare") as pool:
+            return list(pool.map(lambda pair: self.make_request(pair[0], config, pair[1]), pairs))
 
     def run_requests(self, requests: list[Request]) -> list[RequestOutput]:
         results: dict[int, RequestOutput] = {}
@@ -333,12 +350,34 @@ class LLM:
             return list(encode_chat(messages))
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
+        """Prompt ids of one conversation and the image sources of its image parts, in order. Image parts (OpenAI
+        ``image_url`` or ``{"type": "image", "image": x}``) become the vision model's placeholder text first."""
+        from rtp_mm.vision.chat import has_image_parts, render_image_parts
+
+        if not has_image_parts(messages):
+            return self.chat_ids(messages), []
+        if self.vision is None:
+            self._refuse_images()
+        rendered, sources = render_image_parts(messages, self.vision.model.image_placeholder)
+        return self.chat_ids(rendered), sources
+
     def chat(
-        self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]], generate_config: GenerateConfig | None = None
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        generate_config: GenerateConfig | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; the model's chat template is applied."""
+        """One conversation (a list of messages) or several; the model's chat template is applied. Messages may hold
+        image parts (data: URLs, paths, bytes or PIL images), rendered as the model's image placeholders."""
+        from rtp_mm.vision.chat import load_source
+
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        return self.generate([self.chat_ids(c) for c in conversations], generate_config)
+        prompts, images = [], []
+        for conversation in conversations:
+            ids, sources = self.chat_prompt(conversation)
+            prompts.append(ids)
+            images.append([load_source(src, k) for k, src in enumerate(sources)])
+        return self.run_requests(self._make_requests(prompts, images, generate_config))
 
     def embed(
         self,
@@ -396,10 +435,17 @@ class LLM:
         return embedding.l2_normalize(torch.stack(pooled))
 
     async def generate_stream(
-        self, prompt: str | Sequence[int], generate_config: GenerateConfig | None = None
+        self,
+        prompt: str | Sequence[int],
+        generate_config: GenerateConfig | None = None,
+        images: Sequence[Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs of one prompt; leaving the iterator early cancels the request."""
-        req = self.make_request(prompt, generate_config)
+        """Incremental outputs of one prompt; leaving the iterator early cancels the request. The vision encoder (if
+        ``images``) runs in a worker thread, not on the event loop."""
+        if images:
+            req = await asyncio.to_thread(self.make_request, prompt, generate_config, images)
+        else:
+            req = self.make_request(prompt, generate_config)
         async for out in self.stream_request(req):
             yield out
 
@@ -432,10 +478,15 @@ class LLM:
     def stats(self) -> dict[str, Any]:
         if not self._loop.alive:
             raise EngineDead("the engine is not running")
-        return self._loop.call(lambda engine: engine.stats())
+        stats = self._loop.call(lambda engine: engine.stats())
+        if self.vision is not None:
+            stats.update(self.vision.stats())  # encoder-cache hits/misses, images encoded, ViT batches
+        return stats
 
     def shutdown(self) -> None:
         self._loop.shutdown()
+        if self.vision is not None:
+            self.vision.close()
 
     def __enter__(self) -> LLM:
         return self

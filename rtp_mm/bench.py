@@ -568,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=int, default=512, help="rtp-mm KV_CACHE_MEM_MB")
     p.add_argument("--seed", type=int, default=0, help="seed of workload (b)")
     p.add_argument("--worker-timeout", type=int, default=1800, help="seconds one system may take")
+    p.add_argument("--vision", action="store_true", help="bench the vision encoders instead (see --vision --help)")
     for hidden in ("--worker", "--weight-type", "--spec", "--result"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     return p
@@ -575,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--vision" in argv:  # the vision-encoder bench has its own flags (rtp_mm.bench_vision)
+        from rtp_mm.bench_vision import main as vision_main
+
+        return vision_main([a for a in argv if a != "--vision"])
     parser = build_parser()
     args = parser.parse_args(argv)
     phases = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -2,7 +2,7 @@
 share counters, and nothing is module-level state.
 
 Request counters and latency histograms are updated as requests run; engine gauges (running/waiting requests, KV
-blocks, prefix-cache hits) are read from ``LLM.stats()`` when scraped.
+blocks, prefix-cache hits, the vision encoder cache) are read from ``LLM.stats()`` when scraped.
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ from prometheus_client.registry import Collector
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # CPU decode steps take milliseconds to tens of ms; long CPU prefills take seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+_VISION_COUNTERS = {
+    "vision_cache_hits": "Images served from the encoder cache (or shared with a concurrent request)",
+    "vision_cache_misses": "Images that had to be encoded",
+    "vision_images_encoded": "Images run through the vision encoder",
+    "vision_encode_batches": "Vision encoder calls (one batch of images each)",
+    "vision_encode_seconds": "Seconds spent in the vision encoder",
+}
 
 
 class _EngineCollector(Collector):
@@ -48,6 +57,12 @@ class _EngineCollector(Collector):
             "rtp_mm_preemptions", "Requests preempted for lack of KV blocks", value=s["num_preemptions"]
         )
         yield CounterMetricFamily("rtp_mm_engine_steps", "Engine steps run", value=s["step_count"])
+        if "vision_cache_hits" in s:  # a vision model: its encoder cache and ViT batches
+            for key, help_text in _VISION_COUNTERS.items():
+                yield CounterMetricFamily(f"rtp_mm_{key}", help_text, value=s[key])
+            yield GaugeMetricFamily(
+                "rtp_mm_vision_cache_bytes", "Image embedding bytes in the encoder cache", value=s["vision_cache_bytes"]
+            )
 
 
 class ServerMetrics:

@@ -26,6 +26,7 @@ from rtp_mm.server.protocol import (
     SequenceView,
     check_images,
     dumps,
+    native_image_groups,
     native_image_refs,
     parse_json_body,
     parse_native_request,
@@ -48,14 +49,21 @@ async def load_images(request: web.Request, refs: list[Any], uploads: dict[str, 
     if not refs and not uploads:
         return []
     images = await request.app[IMAGES_KEY].load(refs, uploads)
-    check_images(len(images), request.app[LLM_KEY].model_type)
+    llm = request.app[LLM_KEY]
+    check_images(len(images), llm.model_type, llm.vision is not None)
     return images
 
 
-def _make_requests(llm: LLM, native: NativeRequest) -> list[Request]:
-    """Tokenize and validate every (prompt, sequence) pair, prompt-major; raises InvalidRequest subclasses."""
+def _make_requests(llm: LLM, native: NativeRequest, images: list[Any]) -> list[Request]:
+    """Tokenize, expand the images and validate every (prompt, sequence) pair, prompt-major; raises InvalidRequest
+    subclasses. Runs in a worker thread: the vision encoder runs here (its cache serves the repeated sequences)."""
     configs = native.sequence_configs()
-    return [llm.make_request(prompt, config) for prompt in native.prompts for config in configs]
+    groups = native_image_groups(native, images) if images else [None] * len(native.prompts)
+    return [
+        llm.make_request(prompt, config, group)
+        for prompt, group in zip(native.prompts, groups, strict=True)
+        for config in configs
+    ]
 
 
 def _empty_views(native: NativeRequest) -> list[list[SequenceView]]:
@@ -67,9 +75,9 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     body, uploads = await read_request_body(request)
     native = parse_native_request(body)
     with app[LIMITER_KEY].slot():
-        await load_images(request, native_image_refs(native), uploads)
-        # Tokenizing a long prompt takes milliseconds: off the event loop.
-        requests = await asyncio.to_thread(_make_requests, app[LLM_KEY], native)
+        images = await load_images(request, native_image_refs(native), uploads)
+        # Tokenizing a long prompt takes milliseconds, encoding images far longer: off the event loop.
+        requests = await asyncio.to_thread(_make_requests, app[LLM_KEY], native, images)
         if native.stream:
             return await _stream(request, native, requests)
         outs = await final_outputs(app[LLM_KEY], requests, app[METRICS_KEY])

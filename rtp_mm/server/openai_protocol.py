@@ -223,8 +223,13 @@ def parse_chat_request(body: dict[str, Any]) -> OpenAIRequest:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
             raise InvalidParam(f"messages[{i}] needs a role in {list(_ROLES)}", "messages")
+        num_images = len(req.image_refs)
         text = _content_text(message.get("content"), i, req.image_refs)
-        req.messages.append({"role": message["role"], "content": text})
+        if len(req.image_refs) > num_images:
+            # Keep the parts: LLM.chat_prompt renders each image part as the model's placeholder.
+            req.messages.append({"role": message["role"], "content": message["content"]})
+        else:
+            req.messages.append({"role": message["role"], "content": text})
     return req
 
 

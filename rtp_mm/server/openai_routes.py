@@ -137,21 +137,26 @@ async def handle_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
 
 
-def _make_requests(llm: LLM, parsed: OpenAIRequest) -> list[Request]:
+def _make_requests(llm: LLM, parsed: OpenAIRequest, images: list[Any]) -> list[Request]:
+    """Runs in a worker thread. Chat image parts were decoded by the intake (``images``, in order); here they become
+    the model's placeholders in the rendered prompt and are encoded."""
     prompts: list[str | list[int]] = parsed.prompts
     if parsed.messages:
-        prompts = [llm.chat_ids(parsed.messages)]
+        ids, sources = llm.chat_prompt(parsed.messages)
+        if len(sources) != len(images):
+            raise InvalidRequest(f"{len(sources)} image parts but {len(images)} decoded images")
+        prompts = [ids]
     configs = parsed.sequence_configs()
-    return [llm.make_request(prompt, config) for prompt in prompts for config in configs]
+    return [llm.make_request(prompt, config, images or None) for prompt in prompts for config in configs]
 
 
 async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str, bytes], chat: bool):
     app = request.app
     llm = app[LLM_KEY]
     with app[LIMITER_KEY].slot():
-        await load_images(request, parsed.image_refs, uploads)
+        images = await load_images(request, parsed.image_refs, uploads)
         try:
-            requests = await asyncio.to_thread(_make_requests, llm, parsed)
+            requests = await asyncio.to_thread(_make_requests, llm, parsed, images)
         except InvalidRequest as e:
             raise InvalidParam(e.message, "messages" if chat else "prompt", e.error_code) from None
         answer = _Answer(llm, parsed, requests, chat, _model_name(request, parsed))

@@ -210,6 +210,17 @@ def parse_native_request(body: dict[str, Any]) -> NativeRequest:
     return NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
 
 
+def native_image_groups(native: NativeRequest, images: list[Any]) -> list[list[Any]]:
+    """The decoded ``images`` (prompt-major, as ``native_image_refs`` listed them) split into one list per prompt."""
+    if not native.batched:
+        return [list(images)]
+    groups, start = [], 0
+    for group in native.images:
+        groups.append(list(images[start : start + len(group)]))
+        start += len(group)
+    return groups
+
+
 def native_image_refs(native: NativeRequest) -> list[Any]:
     """Every image reference of the request, prompt-major (a batch holds one list per prompt)."""
     if native.batched:
@@ -217,11 +228,11 @@ def native_image_refs(native: NativeRequest) -> list[Any]:
     return list(native.images)
 
 
-def check_images(num_images: int, model_type: ModelTypeInfo) -> None:
-    """Images are accepted only by a model that can encode them (none yet: the vision encoders come later).
+def check_images(num_images: int, model_type: ModelTypeInfo, has_encoder: bool = False) -> None:
+    """Images are accepted only by a model whose vision encoder is loaded (``has_encoder``).
 
     Called after the images were loaded and decoded, so a bad image is reported as such on any model."""
-    if not num_images:
+    if not num_images or has_encoder:
         return
     if model_type.vision:
         raise NotImplementedYetError(
