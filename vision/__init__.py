@@ -1,0 +1,1 @@
+from rtp_mm.vision import llava  # noqa: F401  (registers VISION_LOADERS['llava'])

@@ -1,0 +1,280 @@
+"""llava's vision stack against transformers: tiny random ``LlavaForConditionalGeneration`` (LLaVA-1.5) and
+``LlavaNextForConditionalGeneration`` (anyres) models built here are the oracle.
+
+Each is served from the llava-hf layout (save_pretrained, transformers-4 and -5 names) and re-written in the original
+``LlavaLlamaForCausalLM`` layout with the CLIP tower in its own folder (EXTRA_DATA_PATH). HF's own image processors
+give the reference pixel values; pixels, image embeddings (1e-4) and 24 greedy tokens must match for one image, two
+images, and images of different sizes and aspect ratios.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from original_layout import hf_state
+from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+)
+
+from oracle import TINY_LLAMA, perturb, tiny_llm, write_checkpoint
+from rtp_mm import GenerateConfig
+from rtp_mm.errors import CheckpointError, InvalidRequest
+from rtp_mm.vision.base import load_vision_model
+from rtp_mm.vision.llava import IMAGE_TOKEN_INDEX, TiledImage
+
+IMAGE = 28
+TINY_CLIP = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=IMAGE, patch_size=7
+)
+PINPOINTS = [[IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]  # (height, width), llava-hf's order
+IMAGE_TOKEN = TINY_LLAMA["vocab_size"] - 1
+NEW_TOKENS = 24
+# (width, height): square, wide, tall, small and odd-sized
+SIZES = [(40, 40), (90, 33), (31, 77), (17, 23)]
+
+
+def image(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth random picture (noise upscaled), so resizes mix neighbouring pixels as real photos do."""
+    g = np.random.default_rng(seed)
+    small = Image.fromarray(g.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    return small.resize(size, Image.Resampling.BILINEAR)
+
+
+def processor(kind: str, pad: bool = False):
+    common = dict(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    if kind == "next":
+        return LlavaNextImageProcessor(**common, image_grid_pinpoints=PINPOINTS)
+    return LlavaImageProcessor(**common, do_pad=True) if pad else CLIPImageProcessor(**common)
+
+
+def tiny_llava(kind: str, seed: int = 5) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(
+        text_config=LlamaConfig(**TINY_LLAMA), vision_config=CLIPVisionConfig(**TINY_CLIP), image_token_index=IMAGE_TOKEN
+    )
+    if kind == "next":
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS))
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    return perturb(model.eval(), std=0.05, seed=seed)
+
+
+def _t4_name(name: str) -> str:
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    name = name.removeprefix("model.")
+    if name.startswith("language_model."):
+        return "language_model.model." + name.removeprefix("language_model.")
+    return name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+
+
+def _original_name(name: str) -> str | None:
+    """transformers-5 name -> LlavaLlamaForCausalLM's (the frozen tower is not in the LLaVA checkpoint)."""
+    if name.startswith("model.vision_tower."):
+        return None
+    name = name.replace("model.language_model.", "model.", 1)
+    return name.replace("multi_modal_projector.linear_1.", "mm_projector.0.").replace(
+        "multi_modal_projector.linear_2.", "mm_projector.2."
+    )
+
+
+def write_clip_folder(model: torch.nn.Module, proc, path: Path) -> Path:
+    """The tower as a released CLIP folder: CLIPVisionConfig, ``vision_model.*`` tensors, preprocessor_config."""
+    state = {"vision_model." + k: v for k, v in hf_state(model.model.vision_tower).items()}
+    write_checkpoint(path, state, {})
+    model.config.vision_config.save_pretrained(str(path))
+    proc.save_pretrained(str(path))
+    return path
+
+
+def save_llava(model: torch.nn.Module, proc, path: Path, layout: str) -> tuple[Path, str]:
+    """(checkpoint folder, EXTRA_DATA_PATH) of ``model`` in ``layout``."""
+    if layout == "save_pretrained":
+        model.save_pretrained(str(path))
+        proc.save_pretrained(str(path))
+        return path, ""
+    state, config = hf_state(model), model.config.to_dict()
+    if layout in ("transformers4", "transformers5"):
+        rename = _t4_name if layout == "transformers4" else (lambda n: n)
+        write_checkpoint(path, {rename(k): v for k, v in state.items()}, config)
+        proc.save_pretrained(str(path))
+        return path, ""
+    text = config["text_config"]
+    is_next = isinstance(model, LlavaNextForConditionalGeneration)
+    pad = getattr(proc, "do_pad", False) and not is_next
+    original = {
+        **{k: v for k, v in text.items() if k not in ("model_type", "rope_parameters")},
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "rope_theta": text["rope_parameters"]["rope_theta"],
+        "mm_hidden_size": TINY_CLIP["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_use_im_start_end": False,
+        "image_aspect_ratio": "anyres" if is_next else ("pad" if pad else "square"),
+        "mm_patch_merge_type": "spatial_unpad" if is_next else "flat",
+        "image_grid_pinpoints": [[w, h] for h, w in PINPOINTS],  # the original reads (width, height)
+    }
+    tensors = {_original_name(k): v for k, v in state.items() if _original_name(k) is not None}
+    write_checkpoint(path, tensors, original)
+    return path, str(write_clip_folder(model, proc, path.parent / f"{path.name}-clip"))
+
+
+@torch.no_grad()
+def hf_features(model, proc, images: list[Image.Image]) -> tuple[dict, list[torch.Tensor]]:
+    inputs = dict(proc(images=images, return_tensors="pt"))
+    out = model.model.get_image_features(**inputs, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    feats = out.pooler_output
+    feats = list(feats) if isinstance(feats, list | tuple) else list(feats)
+    return inputs, feats
+
+
+@torch.no_grad()
+def hf_generate(model, proc, text: list[list[int]], images: list[Image.Image]) -> list[int]:
+    """HF greedy tokens; the prompt's image token is repeated once per feature row, as HF's processor does."""
+    inputs, feats = hf_features(model, proc, images)
+    ids: list[int] = []
+    for chunk, rows in zip(text, [*feats, None], strict=True):
+        ids += chunk + ([IMAGE_TOKEN] * rows.shape[0] if rows is not None else [])
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        **inputs,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+CASES = [  # (text chunks around the images, image sizes, seeds)
+    ([[1, 5, 9], [17, 4]], [SIZES[0]], [0]),
+    ([[1, 7], [33, 12, 8], [40]], [SIZES[1], SIZES[2]], [1, 2]),
+    ([[1], [3], [6, 70, 2]], [SIZES[3], SIZES[1]], [3, 4]),
+]
+
+
+def check_llava(model, proc, path: Path, extra: str, placeholder: int) -> None:
+    with tiny_llm(path, "llava", max_seq_len=256, extra_data_path=extra) as llm:
+        vision = llm.vision.model
+        cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True)
+        for chunks, sizes, seeds in CASES:
+            images = [image(s, seed) for s, seed in zip(sizes, seeds, strict=True)]
+            inputs, expected = hf_features(model, proc, images)
+            for n, img in enumerate(images):
+                pixels = vision.preprocess(img)
+                ours = pixels.views if isinstance(pixels, TiledImage) else pixels[None]
+                ref = inputs["pixel_values"][n]
+                ref = ref[: ours.shape[0]] if ref.dim() == 4 else ref[None]
+                torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+                (rows,) = vision.encode([pixels])
+                torch.testing.assert_close(rows, expected[n], atol=1e-4, rtol=0)
+            prompt = [t for chunk in chunks[:-1] for t in (*chunk, placeholder)] + chunks[-1]
+            (out,) = llm.generate([prompt], cfg, images=[images])
+            assert out.token_ids == hf_generate(model, proc, chunks, images), (sizes, out.token_ids)
+
+
+LLAVA_15 = [("save_pretrained", False), ("transformers4", True), ("transformers5", False), ("original", True)]
+
+
+@pytest.mark.parametrize(("layout", "pad"), LLAVA_15)
+def test_llava_15_parity(tmp_path, layout, pad):
+    model, proc = tiny_llava("llava"), processor("llava", pad)
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", layout)
+    placeholder = IMAGE_TOKEN_INDEX if layout == "original" else IMAGE_TOKEN
+    check_llava(model, proc, path, extra, placeholder)
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "transformers4", "original"])
+def test_llava_next_anyres_parity(tmp_path, layout):
+    model, proc = tiny_llava("next", seed=6), processor("next")
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", layout)
+    placeholder = IMAGE_TOKEN_INDEX if layout == "original" else IMAGE_TOKEN
+    check_llava(model, proc, path, extra, placeholder)
+
+
+# ---- loading and prompt errors ----------------------------------------------------------------------------------
+
+
+def _vision(path: Path, extra: str = ""):
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    return load_vision_model("llava", str(path), config, extra, "cpu", torch.float32)
+
+
+def test_original_tower_from_mm_vision_tower_folder(tmp_path):
+    """Without EXTRA_DATA_PATH the tower comes from the local folder mm_vision_tower names; a hub name that is not
+    a local folder is a clear error naming EXTRA_DATA_PATH."""
+    import json
+
+    model, proc = tiny_llava("llava"), processor("llava", pad=True)
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
+    with pytest.raises(CheckpointError, match="EXTRA_DATA_PATH"):
+        _vision(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "mm_vision_tower": extra}))
+    img = image(SIZES[1], 9)
+    _, (expected,) = hf_features(model, proc, [img])
+    vision = _vision(path)
+    (rows,) = vision.encode([vision.preprocess(img)])
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
+
+
+def test_unfrozen_tower_in_the_checkpoint_wins(tmp_path):
+    """A LLaVA checkpoint that carries its (fine-tuned) tower: those tensors replace the CLIP folder's."""
+    from safetensors.torch import load_file, save_file
+
+    model, proc = tiny_llava("llava"), processor("llava")
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
+    tower = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in hf_state(model.model.vision_tower).items()}
+    save_file({**load_file(str(path / "model.safetensors")), **tower}, str(path / "model.safetensors"))
+    clip = Path(extra) / "model.safetensors"
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(clip)).items()}, str(clip))  # would give garbage
+    img = image(SIZES[0], 10)
+    _, (expected,) = hf_features(model, proc, [img])
+    vision = _vision(path, extra)
+    (rows,) = vision.encode([vision.preprocess(img)])
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tmp_path):
+    model, proc = tiny_llava("llava"), processor("llava")
+    path, _ = save_llava(model, proc, tmp_path / "ckpt", "save_pretrained")
+    vision = _vision(path)
+    rows = torch.zeros(16, TINY_LLAMA["hidden_size"])
+    with pytest.raises(InvalidRequest, match="2 image placeholders .* but 1 images"):
+        vision.expand([1, IMAGE_TOKEN, 5, IMAGE_TOKEN], [rows], ["h"])
+    prepared = vision.expand([1, IMAGE_TOKEN_INDEX, 5], [rows], ["h"])  # RTP-LLM's -200 is accepted too
+    assert len(prepared.token_ids) == 18 and prepared.mm_inputs[0].offset == 1
+    assert prepared.token_ids[-1] == 5 and prepared.mm_inputs[0].content_hash == "h"
+
+
+def test_bad_projector_shape_names_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, proc = tiny_llava("llava"), processor("llava")
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
+    clip = Path(extra) / "model.safetensors"
+    tensors = load_file(str(clip))
+    name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    tensors[name] = tensors[name][:-1]
+    save_file(tensors, str(clip))
+    with pytest.raises(CheckpointError, match=r"encoder.layers.0.mlp.fc1.weight has shape \(63, 32\)"):
+        _vision(path, extra)
