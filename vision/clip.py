@@ -87,7 +87,9 @@ class ClipLayer(nn.Module):
         self.num_heads = spec.num_heads
         self.self_attn = nn.ModuleDict({p: nn.Linear(h, h) for p in ("q_proj", "k_proj", "v_proj", "out_proj")})
         self.layer_norm1 = nn.LayerNorm(h, eps=spec.layer_norm_eps)
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(h, spec.intermediate_size), "fc2": nn.Linear(spec.intermediate_size, h)})
+        self.mlp = nn.ModuleDict(
+            {"fc1": nn.Linear(h, spec.intermediate_size), "fc2": nn.Linear(spec.intermediate_size, h)}
+        )
         self.layer_norm2 = nn.LayerNorm(h, eps=spec.layer_norm_eps)
         self.act = ACTIVATIONS[spec.hidden_act]
 

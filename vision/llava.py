@@ -31,8 +31,11 @@ from rtp_mm.vision.llava_image import processing_from_files as _processing
 
 IMAGE_TOKEN_INDEX = -200  # the original LLaVA tokenizer's id for <image>
 # Tower tensors: llava-hf transformers 5 (model.vision_tower.X), save_pretrained / transformers 4
-# (vision_tower[.vision_model].X), original (model.vision_tower.vision_tower.vision_model.X), CLIP folder (vision_model.X).
-_TOWER = re.compile(r"(?:(?:model\.)?vision_tower\.(?:vision_tower\.)?)?(?:vision_model\.)?((?:embeddings|pre_layrnorm|encoder)\..+)")
+# (vision_tower[.vision_model].X), original (model.vision_tower.vision_tower.vision_model.X),
+# a CLIP folder (vision_model.X).
+_TOWER = re.compile(
+    r"(?:(?:model\.)?vision_tower\.(?:vision_tower\.)?)?(?:vision_model\.)?((?:embeddings|pre_layrnorm|encoder)\..+)"
+)
 _HF_PROJECTOR = re.compile(r"(?:model\.)?multi_modal_projector\.linear_(\d+)\.(weight|bias)")
 _ORIGINAL_PROJECTOR = re.compile(r"(?:model\.)?mm_projector\.(?:(\d+)\.)?(weight|bias)")
 _NEWLINE = re.compile(r"(?:model\.)?image_newline")
@@ -66,8 +69,9 @@ class LlavaVision(VisionModel):
 
     family = "llava"
 
-    def __init__(self, settings: LlavaSettings, tower: ClipVisionTower, projector: list[nn.Linear],
-                 newline: torch.Tensor | None):
+    def __init__(
+        self, settings: LlavaSettings, tower: ClipVisionTower, projector: list[nn.Linear], newline: torch.Tensor | None
+    ):
         self.settings = settings
         self.tower = tower
         self.projector = nn.ModuleList(projector)
@@ -312,7 +316,9 @@ def _projector(state: dict[str, torch.Tensor], s: LlavaSettings, config: dict[st
         if kind == "identity":
             return []
         count = 1 if kind == "linear" else int(kind[3 : kind.index("x")])
-        names = [(".weight", ".bias")] if kind == "linear" else [(f"{2 * i}.weight", f"{2 * i}.bias") for i in range(count)]
+        names = (
+            [(".weight", ".bias")] if kind == "linear" else [(f"{2 * i}.weight", f"{2 * i}.bias") for i in range(count)]
+        )
     linears = []
     for weight_name, bias_name in names[:count]:
         if weight_name not in state:

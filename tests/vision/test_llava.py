@@ -62,7 +62,9 @@ def processor(kind: str, pad: bool = False):
 def tiny_llava(kind: str, seed: int = 5) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(
-        text_config=LlamaConfig(**TINY_LLAMA), vision_config=CLIPVisionConfig(**TINY_CLIP), image_token_index=IMAGE_TOKEN
+        text_config=LlamaConfig(**TINY_LLAMA),
+        vision_config=CLIPVisionConfig(**TINY_CLIP),
+        image_token_index=IMAGE_TOKEN,
     )
     if kind == "next":
         model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS))
@@ -243,7 +245,9 @@ def test_unfrozen_tower_in_the_checkpoint_wins(tmp_path):
 
     model, proc = tiny_llava("llava"), processor("llava")
     path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
-    tower = {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in hf_state(model.model.vision_tower).items()}
+    tower = {
+        f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in hf_state(model.model.vision_tower).items()
+    }
     save_file({**load_file(str(path / "model.safetensors")), **tower}, str(path / "model.safetensors"))
     clip = Path(extra) / "model.safetensors"
     save_file({k: torch.zeros_like(v) for k, v in load_file(str(clip)).items()}, str(clip))  # would give garbage
@@ -266,7 +270,7 @@ def test_placeholder_count_mismatch_is_a_clear_error(tmp_path):
     assert prepared.token_ids[-1] == 5 and prepared.mm_inputs[0].content_hash == "h"
 
 
-def test_bad_projector_shape_names_the_tensor(tmp_path):
+def test_bad_tower_shape_names_the_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, proc = tiny_llava("llava"), processor("llava")
