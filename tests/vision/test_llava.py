@@ -282,3 +282,46 @@ def test_bad_tower_shape_names_the_tensor(tmp_path):
     save_file(tensors, str(clip))
     with pytest.raises(CheckpointError, match=r"encoder.layers.0.mlp.fc1.weight has shape \(63, 32\)"):
         _vision(path, extra)
+
+
+# ---- text prompts: <image> in the original layout's text becomes -200 ------------------------------------------
+
+
+def bos_tokenizer(path: Path):
+    """A tiny byte-level BPE that adds BOS (id 1) to every encode, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["USER: what is in this picture? ASSISTANT: a cat on a mat"] * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def test_original_text_prompt_image_tag(tmp_path):
+    """LLaVA's tokenizer_image_token: pieces between ``<image>`` tags tokenized alone, joined by -200, BOS once;
+    then the expanded prompt generates what HF generates."""
+    from rtp_mm import LLM, ModelConfig
+
+    model, proc = tiny_llava("llava"), processor("llava", pad=True)
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
+    hf_tok = bos_tokenizer(path)
+    text = "USER: <image>\nwhat is in this picture? <image> ASSISTANT:"
+    pieces = [hf_tok.encode(p) for p in text.split("<image>")]
+    assert all(p[0] == 1 for p in pieces)
+    expected = [1, *pieces[0][1:], IMAGE_TOKEN_INDEX, *pieces[1][1:], IMAGE_TOKEN_INDEX, *pieces[2][1:]]
+    config = ModelConfig(model_type="llava", ckpt_path=str(path), max_seq_len=256, weight_type="FP32")
+    with LLM(config, kv_cache_mem_mb=16, extra_data_path=extra) as llm:
+        assert llm.encode(text) == expected
+        images = [image(SIZES[2], 11), image(SIZES[1], 12)]
+        cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True)
+        (out,) = llm.generate(text, cfg, images=images)
+        chunks = [[1, *pieces[0][1:]], pieces[1][1:], pieces[2][1:]]
+        assert out.token_ids == hf_generate(model, proc, chunks, images)
