@@ -325,3 +325,63 @@ def test_original_text_prompt_image_tag(tmp_path):
         (out,) = llm.generate(text, cfg, images=images)
         chunks = [[1, *pieces[0][1:]], pieces[1][1:], pieces[2][1:]]
         assert out.token_ids == hf_generate(model, proc, chunks, images)
+
+
+def test_batched_requests_share_the_encoder_cache(tmp_path):
+    """Several image prompts in one batch give each one's solo tokens; an image used by several prompts is encoded
+    once (later uses are encoder-cache hits)."""
+    model, proc = tiny_llava("next", seed=7), processor("next")
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "save_pretrained")
+    a, b, c = image(SIZES[1], 20), image(SIZES[2], 21), image(SIZES[3], 22)
+    prompts = [[1, IMAGE_TOKEN, 5], [1, IMAGE_TOKEN, 8, IMAGE_TOKEN, 9], [1, 3, IMAGE_TOKEN], [2, IMAGE_TOKEN, 4]]
+    images = [[a], [b, a], [c], [a]]
+    cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True)
+    with tiny_llm(path, "llava", max_seq_len=256, extra_data_path=extra) as llm:
+        together = llm.generate(prompts, cfg, images=images)
+        stats = llm.vision.stats()
+        assert stats["vision_images_encoded"] == 3 and stats["vision_cache_hits"] == 2, stats
+        for prompt, imgs, out in zip(prompts, images, together, strict=True):
+            (alone,) = llm.generate([prompt], cfg, images=[imgs])
+            assert out.token_ids == alone.token_ids
+    assert together[0].token_ids == hf_generate(model, proc, [[1], [5]], [a])
+
+
+@pytest.mark.parametrize(("image_hw", "grid"), [((50, 130), (2, 5)), ((90, 40), (3, 1)), ((60, 60), (3, 3))])
+def test_anyres_max_merge_matches_onevision(image_hw, grid):
+    """anyres_max_N (LLaVA-OneVision): the unpadded grid is shrunk bilinearly to about N tiles before the newlines;
+    transformers' LlavaOnevisionModel.pack_image_features is the oracle (pinpoints chosen to give ``grid``)."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionModel
+
+    from rtp_mm.vision import llava_merge
+
+    side, hidden, max_tiles = IMAGE // TINY_CLIP["patch_size"], 8, 2
+    config = SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=IMAGE, patch_size=TINY_CLIP["patch_size"]),
+        image_grid_pinpoints=[[grid[0] * IMAGE, grid[1] * IMAGE]],
+    )
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1 + grid[0] * grid[1], side * side, hidden, generator=g)
+    newline = torch.randn(hidden, generator=g)
+    (expected,), _ = LlavaOnevisionModel.pack_image_features(
+        SimpleNamespace(config=config), [feats], torch.tensor([image_hw]), newline, f"anyres_max_{max_tiles}"
+    )
+    rows = llava_merge.spatial_unpad(feats[1:], grid, side, image_hw, max_tiles, newline)
+    torch.testing.assert_close(torch.cat([feats[0], rows]), expected, atol=1e-6, rtol=0)
+
+
+def test_half_precision_encoder(tmp_path):
+    """The tower and projector run in the LLM's dtype (bf16 here) and return rows in it, close to fp32's."""
+    import json
+
+    model, proc = tiny_llava("next", seed=8), processor("next")
+    path, _ = save_llava(model, proc, tmp_path / "ckpt", "save_pretrained")
+    config = json.loads((path / "config.json").read_text())
+    img = image(SIZES[1], 30)
+    rows = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        vision = load_vision_model("llava", str(path), config, "", "cpu", dtype)
+        (rows[dtype],) = vision.encode([vision.preprocess(img)])
+    assert rows[torch.bfloat16].dtype == torch.bfloat16
+    torch.testing.assert_close(rows[torch.bfloat16].float(), rows[torch.float32], atol=0.1, rtol=0.05)
