@@ -7,8 +7,9 @@ Checkpoints in both layouts (see ``settings_from_config``):
   ``multi_modal_projector.linear_{1,2}`` in the checkpoint (transformers-4 or -5 names), the image processor from the
   checkpoint's ``preprocessor_config.json``; the placeholder is ``image_token_index``.
 - original (``LlavaLlamaForCausalLM``, ``mm_*`` fields): ``model.mm_projector.*`` in the checkpoint, the CLIP tower a
-  ``CLIPVisionModel`` folder named by ``EXTRA_DATA_PATH`` (wins, as in RTP-LLM) or ``mm_vision_tower``; tower tensors
-  found in the checkpoint itself (an unfrozen tower) replace the folder's. The placeholder is id -200.
+  ``CLIPVisionModel`` folder named by ``EXTRA_DATA_PATH`` (wins, as in RTP-LLM) or ``mm_vision_tower``; when the
+  config says the tower was unfrozen (``unfreeze_mm_vision_tower``, ``mm_tunable_parts``), the tower tensors found in
+  the checkpoint itself replace the folder's. The placeholder is id -200.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class LlavaSettings:
     max_tiles: int | None  # anyres_max_N (LLaVA-OneVision): shrink the unpadded grid to about N tiles
     image_token_ids: frozenset[int]
     tower_dir: Path | None  # the CLIP folder (original layout)
+    tower_in_checkpoint: bool  # read the tower's tensors from the LLaVA checkpoint, not from tower_dir
 
 
 class LlavaVision(VisionModel):
@@ -179,6 +181,7 @@ def _hf_settings(ckpt_path: str, config: dict[str, Any]) -> LlavaSettings:
         max_tiles=None,
         image_token_ids=frozenset({int(token), IMAGE_TOKEN_INDEX}),
         tower_dir=None,
+        tower_in_checkpoint=True,
     )
 
 
@@ -216,6 +219,9 @@ def _original_settings(config: dict[str, Any], extra_data_path: str) -> LlavaSet
         max_tiles=max_tiles,
         image_token_ids=frozenset({IMAGE_TOKEN_INDEX}),
         tower_dir=tower_dir,
+        # RTP-LLM's rule: the checkpoint's tower tensors count only when training unfroze the tower.
+        tower_in_checkpoint=bool(config.get("unfreeze_mm_vision_tower"))
+        or "mm_vision_tower" in str(config.get("mm_tunable_parts") or ""),
     )
 
 
@@ -258,7 +264,7 @@ def load_llava(
 
     settings = settings_from_config(ckpt_path, config, extra_data_path)
     with open_checkpoint(ckpt_path) as ckpt:
-        tower_state = _matching(ckpt, _TOWER)
+        tower_state = _matching(ckpt, _TOWER) if settings.tower_in_checkpoint else {}
         hf = "vision_config" in config
         projector_state = _matching(ckpt, _HF_PROJECTOR if hf else _ORIGINAL_PROJECTOR, whole=True)
         newline = [ckpt.get(k) for k in ckpt.keys() if _NEWLINE.fullmatch(k)]

@@ -240,7 +240,10 @@ def test_original_tower_from_mm_vision_tower_folder(tmp_path):
 
 
 def test_unfrozen_tower_in_the_checkpoint_wins(tmp_path):
-    """A LLaVA checkpoint that carries its (fine-tuned) tower: those tensors replace the CLIP folder's."""
+    """A LLaVA checkpoint that carries its fine-tuned tower: those tensors replace the CLIP folder's when the config
+    says the tower was unfrozen."""
+    import json
+
     from safetensors.torch import load_file, save_file
 
     model, proc = tiny_llava("llava"), processor("llava")
@@ -250,11 +253,14 @@ def test_unfrozen_tower_in_the_checkpoint_wins(tmp_path):
     }
     save_file({**load_file(str(path / "model.safetensors")), **tower}, str(path / "model.safetensors"))
     clip = Path(extra) / "model.safetensors"
-    save_file({k: torch.zeros_like(v) for k, v in load_file(str(clip)).items()}, str(clip))  # would give garbage
+    save_file({k: v + 0.5 for k, v in load_file(str(clip)).items()}, str(clip))  # the pre-training tower
     img = image(SIZES[0], 10)
     _, (expected,) = hf_features(model, proc, [img])
-    vision = _vision(path, extra)
-    (rows,) = vision.encode([vision.preprocess(img)])
+    (rows,) = (vision := _vision(path, extra)).encode([vision.preprocess(img)])
+    assert (rows - expected).abs().max() > 1e-2  # frozen (the config's default): the folder's tower is used
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "unfreeze_mm_vision_tower": True}))
+    (rows,) = (vision := _vision(path, extra)).encode([vision.preprocess(img)])
     torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
 
 
