@@ -9,6 +9,7 @@ images, and images of different sizes and aspect ratios.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -391,3 +392,42 @@ def test_half_precision_encoder(tmp_path):
         (rows[dtype],) = vision.encode([vision.preprocess(img)])
     assert rows[torch.bfloat16].dtype == torch.bfloat16
     torch.testing.assert_close(rows[torch.bfloat16].float(), rows[torch.float32], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    ("projector", "layer", "feature"),
+    [("linear", -1, "cls_patch"), ("mlp3x_gelu", 1, "patch"), ("identity", -3, "patch")],
+)
+@torch.no_grad()
+def test_original_projector_types_and_feature_layers(tmp_path, projector, layer, feature):
+    """``mm_projector_type`` linear / mlpNx_gelu (Linear, then (GELU, Linear) x N-1) / identity over
+    ``hidden_states[mm_vision_select_layer]`` of HF's CLIPVisionModel, CLS kept for cls_patch."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, proc = tiny_llava("llava", seed=9), processor("llava")
+    path, extra = save_llava(model, proc, tmp_path / "ckpt", "original")
+    tensors = {k: v for k, v in load_file(str(path / "model.safetensors")).items() if "mm_projector" not in k}
+    g = torch.Generator().manual_seed(4)
+    dims = [TINY_CLIP["hidden_size"]] + [TINY_LLAMA["hidden_size"]] * (3 if projector == "mlp3x_gelu" else 1)
+    linears = [(torch.randn(o, i, generator=g) * 0.2, torch.randn(o, generator=g)) for i, o in itertools.pairwise(dims)]
+    if projector == "linear":
+        tensors |= {"model.mm_projector.weight": linears[0][0], "model.mm_projector.bias": linears[0][1]}
+    elif projector != "identity":
+        for n, (w, b) in enumerate(linears):
+            tensors |= {f"model.mm_projector.{2 * n}.weight": w, f"model.mm_projector.{2 * n}.bias": b}
+    save_file(tensors, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    fields = dict(mm_projector_type=projector, mm_vision_select_layer=layer, mm_vision_select_feature=feature)
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+
+    img = image(SIZES[2], 40)
+    pixels = proc(images=[img], return_tensors="pt")["pixel_values"]
+    expected = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer][0]
+    expected = expected if feature == "cls_patch" else expected[1:]
+    for n, (w, b) in enumerate(linears if projector != "identity" else []):
+        expected = torch.nn.functional.linear(torch.nn.functional.gelu(expected) if n else expected, w, b)
+    vision = _vision(path, extra)
+    (rows,) = vision.encode([vision.preprocess(img)])
+    torch.testing.assert_close(rows, expected, atol=1e-4, rtol=0)
