@@ -272,7 +272,7 @@ def load_llava(
         with open_checkpoint(settings.tower_dir) as clip:
             tower_state = _matching(clip, _TOWER)
     tower = ClipVisionTower(settings.tower, layers_to_run(settings.tower, settings.feature_layers))
-    _load(tower, tower_state, "CLIP vision tower", ignore=("post_layernorm.", "embeddings.position_ids"))
+    _load(tower, tower_state, "CLIP vision tower", ignore=("embeddings.position_ids",))  # old CLIP buffers
     projector = _projector(projector_state, settings, config, hf)
     if settings.merge == "spatial_unpad" and not newline:
         raise CheckpointError("mm_patch_merge_type spatial_unpad (LLaVA-NeXT) needs the image_newline tensor")
