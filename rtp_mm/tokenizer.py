@@ -79,9 +79,14 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r}: the tokenizer failed to load ({e})") from e
+    if family == "llava":  # the original LLaVA's <image> -> -200 (llava-hf tokenizers have the token already)
+        from rtp_mm.tokenizers.llava import with_image_token
+
+        return with_image_token(tokenizer)
+    return tokenizer
 
 
 def _legacy_adapter(path: Path, family: str | None = None) -> Any | None:
