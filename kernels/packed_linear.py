@@ -50,6 +50,8 @@ class PackedLinear(nn.Module):
         return self.packed.numel() * self.packed.element_size() + (0 if self.bias is None else self.bias.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous():  # the decoder's flattened batch: no reshapes
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")

@@ -147,22 +147,33 @@ class RotaryEmbedding(torch.nn.Module):
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         if for_dtype is not None:  # shaped and cast once per step for every layer's apply()
+            if not self.spec.interleaved and not self.spec.two_d:
+                # Rotate-half tables over the whole rotary width, [cos | cos] and [-sin | sin]: apply() then needs
+                # three elementwise ops instead of six (a decode step applies rope in every layer).
+                cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
             return cos[:, None, :].to(for_dtype), sin[:, None, :].to(for_dtype)
         return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [tokens, heads, head_dim] -> rotated copy (the first ``dim`` dims rotated, the rest passed through).
-        cos/sin: [tokens, 1, dim / 2] in x's dtype (``cos_sin(..., for_dtype=...)``)."""
+        cos/sin: ``cos_sin(..., for_dtype=x.dtype)``: [tokens, 1, dim / 2], or for the plain rotate-half layout the
+        full-width tables [tokens, 1, dim] ([cos | cos], [-sin | sin]; the same products and sums, bit for bit)."""
         dim = self.dim
         if self.spec.two_d:  # [tokens, heads, 2 halves, dim / 2], each half rotated by its own cos/sin
             halves, quarter = x.unflatten(-1, (2, dim // 2)), dim // 4
             c, s = cos.unflatten(-1, (2, quarter)), sin.unflatten(-1, (2, quarter))
             x1, x2 = halves[..., :quarter], halves[..., quarter:]
             return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-        rot, rest = x[..., :dim], x[..., dim:]
+        if x.shape[-1] == dim:
+            rot, rest = x, x[..., :0]
+        else:
+            rot, rest = x[..., :dim], x[..., dim:]
         if self.spec.interleaved:
             x1, x2 = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        elif cos.shape[-1] == dim:
+            half = dim // 2
+            out = rot * cos + torch.cat((rot[..., half:], rot[..., :half]), dim=-1) * sin
         else:
             half = dim // 2
             x1, x2 = rot[..., :half], rot[..., half:]
