@@ -531,9 +531,27 @@ def machine_info(results: list[dict[str, Any]], load_avg: tuple[float, float, fl
     )
 
 
-def write_section(path: Path, section: str) -> None:
+def section_lines(heading: str, command: str, date: str, machine: str, description: str, table: str) -> list[str]:
+    """The opening of a BENCHMARKS.md section: what ran, when, where, on what, and the table."""
+    return [
+        heading,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {date}",
+        "",
+        f"Machine: {machine}",
+        "",
+        description,
+        "",
+        table,
+        "",
+    ]
+
+
+def write_section(path: Path, section: str, heading: str = SECTION_HEADING) -> None:
     text = path.read_text() if path.exists() else ""
-    path.write_text(replace_section(text, SECTION_HEADING, section))
+    path.write_text(replace_section(text, heading, section))
 
 
 def replace_section(text: str, heading: str, section: str) -> str:
@@ -623,20 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in extra:
         print(line)
     if args.output:
-        section = [
-            SECTION_HEADING,
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Date: {date}",
-            "",
-            f"Machine: {machine}",
-            "",
-            f"Workload: {workload.describe(args.only)}",
-            "",
-            table,
-            "",
-        ]
+        section = section_lines(
+            SECTION_HEADING, command, date, machine, f"Workload: {workload.describe(args.only)}", table
+        )
         if not args.skip_hf:
             section.append("Ratios are rtp-mm / HF: above 1, rtp-mm is higher (better for tok/s, worse for times).")
         if "b" in phases:

@@ -192,25 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     cpu = platform.processor() or platform.machine()
     machine = f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if args.output:
-        from rtp_mm.bench import replace_section
+        from rtp_mm.bench import section_lines, write_section
 
-        section = [
-            SECTION_HEADING,
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Date: {date}",
-            "",
-            f"Machine: {machine}",
-            "",
+        description = (
             f"Tiny random weights in each family's real layout, FP32, eager, CPU; {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
-            "random images, never cached. Image-to-first-token: b one-image requests submitted together.",
-            "",
-            table,
-            "",
-        ]
-        out = Path(args.output)
-        out.write_text(replace_section(out.read_text() if out.exists() else "", SECTION_HEADING, "\n".join(section)))
+            "random images, never cached. Image-to-first-token: b one-image requests submitted together."
+        )
+        lines = section_lines(SECTION_HEADING, command, date, machine, description, table)
+        write_section(Path(args.output), "\n".join(lines), SECTION_HEADING)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "date": date, "results": results}, indent=2))
     return 1 if any("error" in r for r in results) else 0

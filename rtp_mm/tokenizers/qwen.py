@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rtp_mm.errors import ConfigError, InvalidRequest
+from rtp_mm.tokenizers.messages import text_content
 
 VOCAB_FILE = "qwen.tiktoken"
 PAT_STR = (
@@ -119,7 +120,7 @@ class QwenTokenizer:
         nl = self.encode("\n")
         ids: list[int] = []
         for i, message in enumerate(messages):
-            ids += (nl if i else []) + self._turn(_role(message), _content(message))
+            ids += (nl if i else []) + self._turn(_role(message), text_content(message, "Qwen"))
         if add_generation_prompt:
             ids += nl + [self.im_start_id] + self.encode("assistant") + nl
         return ids
@@ -129,7 +130,7 @@ class QwenTokenizer:
     ) -> str | list[int]:
         if tokenize:
             return self.encode_chat(messages, add_generation_prompt)
-        turns = [f"{IM_START}{_role(m)}\n{_content(m)}{IM_END}" for m in _with_system(messages)]
+        turns = [f"{IM_START}{_role(m)}\n{text_content(m, 'Qwen')}{IM_END}" for m in _with_system(messages)]
         return "\n".join(turns) + (f"\n{IM_START}assistant\n" if add_generation_prompt else "")
 
 
@@ -144,14 +145,3 @@ def _role(message: dict[str, Any]) -> str:
     if not isinstance(role, str) or not role:
         raise InvalidRequest(f"chat message {message!r} needs a non-empty string 'role'")
     return role
-
-
-def _content(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if not isinstance(content, str):
-        raise InvalidRequest(
-            f"chat message content must be a string for the Qwen tokenizer, got {type(content).__name__}"
-        )
-    return content

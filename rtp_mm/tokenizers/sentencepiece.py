@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rtp_mm.errors import ConfigError, InvalidRequest
+from rtp_mm.tokenizers.messages import text_content
 
 VOCAB_FILE = "tokenizer.model"
 FLAVOURS = {"BaichuanTokenizer": "baichuan", "BaiChuanTokenizer": "baichuan", "InternLMTokenizer": "internlm"}
@@ -156,7 +157,7 @@ class SentencePieceTokenizer:
             return self.encode(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
         ids: list[int] = []
         for i, message in enumerate(messages):
-            role, content = _role(message), _content(message)
+            role, content = _role(message), text_content(message, "sentencepiece")
             if role == "system":
                 if i:
                     raise InvalidRequest("a system message is only accepted first")
@@ -176,7 +177,7 @@ class SentencePieceTokenizer:
             return self.decode(self.encode_chat(messages, add_generation_prompt))
         text, query = "", None
         for message in messages:
-            role, content = _role(message), _content(message)
+            role, content = _role(message), text_content(message, "sentencepiece")
             if role == "user":
                 query = content
             elif role == "assistant":
@@ -205,12 +206,3 @@ def _role(message: dict[str, Any]) -> str:
     if role not in ("system", "user", "assistant"):
         raise InvalidRequest(f"chat message role {role!r} is not one of system, user, assistant")
     return role
-
-
-def _content(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if content is None:
-        return ""
-    if not isinstance(content, str):
-        raise InvalidRequest(f"chat message content must be a string, got {type(content).__name__}")
-    return content
