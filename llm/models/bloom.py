@@ -14,7 +14,7 @@ from rtp_mm.llm.models.decoder import DecoderSpec
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.fused_qkv import per_head_interleaved
 from rtp_mm.llm.models.hf_config import get
-from rtp_mm.llm.models.weights import Src, WeightTable
+from rtp_mm.llm.models.weights import Src, WeightTable, weight_and_bias
 
 P = "h.{i}."
 
@@ -53,22 +53,19 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     qkv = per_head_interleaved(spec.num_heads, spec.head_dim)
     table: WeightTable = {
         "embed.weight": "word_embeddings.weight",
-        "embed_norm.weight": "word_embeddings_layernorm.weight",
-        "embed_norm.bias": "word_embeddings_layernorm.bias",
-        "layers.{i}.input_norm.weight": P + "input_layernorm.weight",
-        "layers.{i}.input_norm.bias": P + "input_layernorm.bias",
         "layers.{i}.attn.qkv.weight": Src(P + "self_attention.query_key_value.weight", qkv),
         "layers.{i}.attn.qkv.bias": Src(P + "self_attention.query_key_value.bias", qkv),
-        "layers.{i}.attn.o.weight": P + "self_attention.dense.weight",
-        "layers.{i}.attn.o.bias": P + "self_attention.dense.bias",
-        "layers.{i}.post_norm.weight": P + "post_attention_layernorm.weight",
-        "layers.{i}.post_norm.bias": P + "post_attention_layernorm.bias",
-        "layers.{i}.mlp.up.weight": P + "mlp.dense_h_to_4h.weight",
-        "layers.{i}.mlp.up.bias": P + "mlp.dense_h_to_4h.bias",
-        "layers.{i}.mlp.down.weight": P + "mlp.dense_4h_to_h.weight",
-        "layers.{i}.mlp.down.bias": P + "mlp.dense_4h_to_h.bias",
-        "norm.weight": "ln_f.weight",
-        "norm.bias": "ln_f.bias",
+        **weight_and_bias(
+            {
+                "embed_norm": "word_embeddings_layernorm",
+                "layers.{i}.input_norm": P + "input_layernorm",
+                "layers.{i}.attn.o": P + "self_attention.dense",
+                "layers.{i}.post_norm": P + "post_attention_layernorm",
+                "layers.{i}.mlp.up": P + "mlp.dense_h_to_4h",
+                "layers.{i}.mlp.down": P + "mlp.dense_4h_to_h",
+                "norm": "ln_f",
+            }
+        ),
         "lm_head.weight": "lm_head.weight",
     }
     drop = (r"lm_head\.weight",) if spec.tie_word_embeddings else ()

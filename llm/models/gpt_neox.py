@@ -12,7 +12,7 @@ from rtp_mm.llm.models.decoder import DecoderSpec
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.fused_qkv import per_head_interleaved
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
-from rtp_mm.llm.models.weights import Src, WeightTable
+from rtp_mm.llm.models.weights import Src, WeightTable, weight_and_bias
 
 P = "gpt_neox.layers.{i}."
 
@@ -58,20 +58,18 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     qkv = per_head_interleaved(heads, head_dim)
     table: WeightTable = {
         "embed.weight": "gpt_neox.embed_in.weight",
-        "layers.{i}.input_norm.weight": P + "input_layernorm.weight",
-        "layers.{i}.input_norm.bias": P + "input_layernorm.bias",
         "layers.{i}.attn.qkv.weight": Src(P + "attention.query_key_value.weight", qkv),
         "layers.{i}.attn.qkv.bias": Src(P + "attention.query_key_value.bias", qkv),
-        "layers.{i}.attn.o.weight": P + "attention.dense.weight",
-        "layers.{i}.attn.o.bias": P + "attention.dense.bias",
-        "layers.{i}.post_norm.weight": P + "post_attention_layernorm.weight",
-        "layers.{i}.post_norm.bias": P + "post_attention_layernorm.bias",
-        "layers.{i}.mlp.up.weight": P + "mlp.dense_h_to_4h.weight",
-        "layers.{i}.mlp.up.bias": P + "mlp.dense_h_to_4h.bias",
-        "layers.{i}.mlp.down.weight": P + "mlp.dense_4h_to_h.weight",
-        "layers.{i}.mlp.down.bias": P + "mlp.dense_4h_to_h.bias",
-        "norm.weight": "gpt_neox.final_layer_norm.weight",
-        "norm.bias": "gpt_neox.final_layer_norm.bias",
+        **weight_and_bias(
+            {
+                "layers.{i}.input_norm": P + "input_layernorm",
+                "layers.{i}.attn.o": P + "attention.dense",
+                "layers.{i}.post_norm": P + "post_attention_layernorm",
+                "layers.{i}.mlp.up": P + "mlp.dense_h_to_4h",
+                "layers.{i}.mlp.down": P + "mlp.dense_4h_to_h",
+                "norm": "gpt_neox.final_layer_norm",
+            }
+        ),
         "lm_head.weight": "embed_out.weight",
     }
     drop = DROP + ((r"embed_out\.weight",) if tied else ())

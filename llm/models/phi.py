@@ -18,26 +18,24 @@ from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
-from rtp_mm.llm.models.weights import Cat, WeightTable
+from rtp_mm.llm.models.weights import Cat, WeightTable, weight_and_bias
 
 P = "model.layers.{i}."
 
 TABLE: WeightTable = {
     "embed.weight": "model.embed_tokens.weight",
-    "layers.{i}.input_norm.weight": P + "input_layernorm.weight",
-    "layers.{i}.input_norm.bias": P + "input_layernorm.bias",
     "layers.{i}.attn.qkv.weight": Cat(*(P + f"self_attn.{x}_proj.weight" for x in "qkv")),
     "layers.{i}.attn.qkv.bias": Cat(*(P + f"self_attn.{x}_proj.bias" for x in "qkv")),
-    "layers.{i}.attn.o.weight": P + "self_attn.dense.weight",
-    "layers.{i}.attn.o.bias": P + "self_attn.dense.bias",
-    "layers.{i}.mlp.up.weight": P + "mlp.fc1.weight",
-    "layers.{i}.mlp.up.bias": P + "mlp.fc1.bias",
-    "layers.{i}.mlp.down.weight": P + "mlp.fc2.weight",
-    "layers.{i}.mlp.down.bias": P + "mlp.fc2.bias",
-    "norm.weight": "model.final_layernorm.weight",
-    "norm.bias": "model.final_layernorm.bias",
-    "lm_head.weight": "lm_head.weight",
-    "lm_head.bias": "lm_head.bias",
+    **weight_and_bias(
+        {
+            "layers.{i}.input_norm": P + "input_layernorm",
+            "layers.{i}.attn.o": P + "self_attn.dense",
+            "layers.{i}.mlp.up": P + "mlp.fc1",
+            "layers.{i}.mlp.down": P + "mlp.fc2",
+            "norm": "model.final_layernorm",
+            "lm_head": "lm_head",
+        }
+    ),
 }
 
 # The older exports fuse q/k/v in one ``Wqkv`` (renamed below to sit next to the transformers names).

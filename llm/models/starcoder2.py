@@ -9,24 +9,22 @@ from typing import Any
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.hf_config import activation, get
 from rtp_mm.llm.models.llama import DROP, P, llama_spec
-from rtp_mm.llm.models.weights import Cat, WeightTable
+from rtp_mm.llm.models.weights import Cat, WeightTable, weight_and_bias
 
 TABLE: WeightTable = {
     "embed.weight": "model.embed_tokens.weight",
-    "layers.{i}.input_norm.weight": P + "input_layernorm.weight",
-    "layers.{i}.input_norm.bias": P + "input_layernorm.bias",
     "layers.{i}.attn.qkv.weight": Cat(*(P + f"self_attn.{x}_proj.weight" for x in "qkv")),
     "layers.{i}.attn.qkv.bias": Cat(*(P + f"self_attn.{x}_proj.bias" for x in "qkv")),
-    "layers.{i}.attn.o.weight": P + "self_attn.o_proj.weight",
-    "layers.{i}.attn.o.bias": P + "self_attn.o_proj.bias",
-    "layers.{i}.post_norm.weight": P + "post_attention_layernorm.weight",
-    "layers.{i}.post_norm.bias": P + "post_attention_layernorm.bias",
-    "layers.{i}.mlp.up.weight": P + "mlp.c_fc.weight",
-    "layers.{i}.mlp.up.bias": P + "mlp.c_fc.bias",
-    "layers.{i}.mlp.down.weight": P + "mlp.c_proj.weight",
-    "layers.{i}.mlp.down.bias": P + "mlp.c_proj.bias",
-    "norm.weight": "model.norm.weight",
-    "norm.bias": "model.norm.bias",
+    **weight_and_bias(
+        {
+            "layers.{i}.input_norm": P + "input_layernorm",
+            "layers.{i}.attn.o": P + "self_attn.o_proj",
+            "layers.{i}.post_norm": P + "post_attention_layernorm",
+            "layers.{i}.mlp.up": P + "mlp.c_fc",
+            "layers.{i}.mlp.down": P + "mlp.c_proj",
+            "norm": "model.norm",
+        }
+    ),
     "lm_head.weight": "lm_head.weight",
 }
 

@@ -28,6 +28,12 @@ class Src:
     transform: Transform | None = None
 
 
+def weight_and_bias(prefixes: dict[str, str]) -> dict[str, str]:
+    """``{"layers.{i}.attn.o": P + "self_attn.dense"}`` -> the ``.weight`` and ``.bias`` entries of each prefix
+    (LayerNorms and biased projections of the GPT-style layouts come in such pairs)."""
+    return {f"{ours}.{part}": f"{theirs}.{part}" for ours, theirs in prefixes.items() for part in ("weight", "bias")}
+
+
 @dataclass(frozen=True)
 class Cat:
     """Several checkpoint tensors concatenated along ``dim`` (fused qkv, gate/up)."""
