@@ -5,7 +5,11 @@ A vision family (llava, qwen_vl, chatglm4v) provides a ``VisionModel``: it turns
 input-embedding space (``encode``, batched over images), and a prompt with placeholder spans into the expanded token
 ids plus the ``MultimodalInput`` rows spliced over them (``expand``). The engine never runs a vision tower: it only
 receives ``PreparedPrompt``s. ``VisionRunner`` (``rtp_mm.vision.runner``) adds hashing, the encoder-output cache and
-batching around a VisionModel; the TensorRT backend replaces ``encode`` only.
+batching around a VisionModel.
+
+``encode`` is three pieces so that another backend (onnxruntime, TensorRT; ``rtp_mm.trt_builders``) can replace the
+middle one: ``stack`` (Python: images -> one pixel batch), ``visual_module`` (a pure tensor graph, exported to ONNX
+with a dynamic batch axis), ``unstack`` (Python: the batch's features -> each image's rows, e.g. llava-next's merge).
 
 Families register a loader in ``VISION_LOADERS``; ``load_vision_model`` builds the VisionModel of a checkpoint.
 """
@@ -44,8 +48,31 @@ class VisionModel(ABC):
         """A PIL image -> pixel values for ``encode`` (e.g. [3, H, W]; llava-next anyres: [tiles, 3, H, W])."""
 
     @abstractmethod
+    def visual_module(self) -> torch.nn.Module:
+        """The whole exportable visual stack: a pixel batch [N, 3, H, W] (model dtype/device) -> features
+        [N, rows, hidden]. No Python-side per-image logic and no data-dependent control flow inside, so it traces
+        to one ONNX graph whose batch axis is dynamic."""
+
+    @abstractmethod
+    def stack(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        """The batch for ``visual_module``, in the model's dtype and device (llava-next: every view of every image,
+        concatenated, so N is the total view count)."""
+
+    @abstractmethod
+    def unstack(self, pixel_values: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, its embedding rows [rows, llm_hidden] in the LLM dtype, from the features of ``stack``'s batch
+        (in the model's dtype and device)."""
+
+    @abstractmethod
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of one row of ``stack``'s batch."""
+
+    @torch.inference_mode()
     def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Pixel values of several images -> per image, its embedding rows [rows, llm_hidden] in the LLM's dtype."""
+        if not pixel_values:
+            return []
+        return self.unstack(pixel_values, self.visual_module()(self.stack(pixel_values)))
 
     @abstractmethod
     def expand(self, prompt_ids: list[int], embeds: list[torch.Tensor], hashes: list[str]) -> PreparedPrompt:

@@ -47,7 +47,8 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
-        q, k, v = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [b, heads, n, d]
+        qkv = self.query_key_value(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [b, heads, n, d] each
         out = F.scaled_dot_product_attention(q, k, v)  # bidirectional over CLS + patches
         return self.dense(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -131,12 +132,12 @@ class EVA2CLIP(nn.Module):
         self.boi = nn.Parameter(torch.zeros(1, 1, llm_hidden))
         self.eoi = nn.Parameter(torch.zeros(1, 1, llm_hidden))
         self.scaling_factor = float(vc.get("scaling_factor", 8))
+        self.grid = vc["image_size"] // vc["patch_size"]  # patches per side (a constant, not read off a traced shape)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.transformer(self.patch_embedding(images))[:, 1:]  # CLS dropped
-        b, n, h = x.shape
-        grid = int(n**0.5)
-        x = self.conv(x.view(b, grid, grid, h).permute(0, 3, 1, 2))  # [b, llm_hidden, grid/2, grid/2]
+        b, _, h = x.shape
+        x = self.conv(x.view(b, self.grid, self.grid, h).permute(0, 3, 1, 2))  # [b, llm_hidden, grid/2, grid/2]
         x = self.linear_proj(x.flatten(2).transpose(1, 2))
         x = torch.cat([self.boi.expand(b, 1, -1), x, self.eoi.expand(b, 1, -1)], dim=1)
         return x / self.scaling_factor
@@ -179,10 +180,17 @@ class GLM4VVision(VisionModel):
     def preprocess(self, image: Any) -> torch.Tensor:
         return preprocess_image(image, self.image_size)
 
-    @torch.inference_mode()
-    def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        batch = torch.stack(pixel_values).to(self.device, self.dtype)
-        return list(self.model(batch).unbind(0))
+    def visual_module(self) -> EVA2CLIP:
+        return self.model
+
+    def pixel_shape(self) -> tuple[int, int, int]:
+        return (self.model.patch_embedding.proj.in_channels, self.image_size, self.image_size)
+
+    def stack(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(pixel_values).to(self.device, self.dtype)
+
+    def unstack(self, pixel_values: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
+        return list(features.unbind(0))
 
     def expand(self, prompt_ids: list[int], embeds: list[torch.Tensor], hashes: list[str]) -> PreparedPrompt:
         boi_at = [i for i, t in enumerate(prompt_ids) if t == self.boi_id]

@@ -15,6 +15,7 @@ Checkpoints in both layouts (see ``settings_from_config``):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,34 @@ class LlavaSettings:
     tower_in_checkpoint: bool  # read the tower's tensors from the LLaVA checkpoint, not from tower_dir
 
 
+class LlavaVisual(nn.Module):
+    """The exportable part of LLaVA's stack: CLIP tower -> feature layer(s) -> CLS drop -> projector, so
+    [views, 3, S, S] -> [views, rows, llm_hidden]. The tile merge is per-image Python and stays outside."""
+
+    def __init__(
+        self,
+        tower: ClipVisionTower,
+        projector: list[nn.Linear],
+        feature_layers: tuple[int, ...],
+        keep_cls: bool,
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ):
+        super().__init__()
+        self.tower = tower
+        self.projector = nn.ModuleList(projector)
+        self.feature_layers = feature_layers
+        self.keep_cls = keep_cls
+        self.act = act
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.tower(pixels, self.feature_layers)
+        if not self.keep_cls:
+            feats = feats[:, 1:]
+        for i, linear in enumerate(self.projector):
+            feats = linear(feats if i == 0 else self.act(feats))
+        return feats
+
+
 class LlavaVision(VisionModel):
     """Invariant: ``encode`` returns, per image, exactly the rows LLaVA's LM reads for one ``<image>``."""
 
@@ -75,9 +104,8 @@ class LlavaVision(VisionModel):
         self, settings: LlavaSettings, tower: ClipVisionTower, projector: list[nn.Linear], newline: torch.Tensor | None
     ):
         self.settings = settings
-        self.tower = tower
-        self.projector = nn.ModuleList(projector)
-        self.act = activation(settings.projector_act, "projector activation")
+        act = activation(settings.projector_act, "projector activation")
+        self.visual = LlavaVisual(tower, projector, settings.feature_layers, settings.keep_cls, act)
         self.newline = newline
 
     def preprocess(self, image: Any) -> torch.Tensor | TiledImage:  # type: ignore[override]
@@ -91,19 +119,22 @@ class LlavaVision(VisionModel):
             image = expand_to_square(image, proc.mean)
         return clip_pixels(image, proc)
 
-    @torch.inference_mode()
-    def encode(self, pixel_values: list[torch.Tensor | TiledImage]) -> list[torch.Tensor]:  # type: ignore[override]
-        views = [p.views if isinstance(p, TiledImage) else p[None] for p in pixel_values]
-        weight = self.tower.embeddings.patch_embedding.weight
-        feats = self.tower(torch.cat(views).to(weight.device, weight.dtype), self.settings.feature_layers)
-        if not self.settings.keep_cls:
-            feats = feats[:, 1:]
-        for i, linear in enumerate(self.projector):
-            feats = linear(feats if i == 0 else self.act(feats))
-        out = []
-        for p, f in zip(pixel_values, feats.split([v.shape[0] for v in views]), strict=True):
-            out.append(self._merge(p, f))
-        return out
+    def visual_module(self) -> LlavaVisual:
+        return self.visual
+
+    def pixel_shape(self) -> tuple[int, int, int]:
+        spec = self.settings.tower
+        return (spec.num_channels, spec.image_size, spec.image_size)
+
+    def stack(self, pixel_values: list[torch.Tensor | TiledImage]) -> torch.Tensor:  # type: ignore[override]
+        weight = self.visual.tower.embeddings.patch_embedding.weight
+        return torch.cat([_views(p) for p in pixel_values]).to(weight.device, weight.dtype)
+
+    def unstack(  # type: ignore[override]
+        self, pixel_values: list[torch.Tensor | TiledImage], features: torch.Tensor
+    ) -> list[torch.Tensor]:
+        per_image = features.split([_views(p).shape[0] for p in pixel_values])
+        return [self._merge(p, f) for p, f in zip(pixel_values, per_image, strict=True)]
 
     def _merge(self, pixels: torch.Tensor | TiledImage, feats: torch.Tensor) -> torch.Tensor:
         """[views, rows, hidden] of one image -> its [n, hidden] rows."""
@@ -146,6 +177,11 @@ class LlavaVision(VisionModel):
 
     def image_placeholder(self, index: int) -> str:
         return "<image>"
+
+
+def _views(pixels: torch.Tensor | TiledImage) -> torch.Tensor:
+    """One image's rows of the visual batch: [views, 3, S, S] (one view unless anyres)."""
+    return pixels.views if isinstance(pixels, TiledImage) else pixels[None]
 
 
 # ---- settings from the two config layouts -----------------------------------------------------------------------
@@ -277,8 +313,7 @@ def load_llava(
     if settings.merge == "spatial_unpad" and not newline:
         raise CheckpointError("mm_patch_merge_type spatial_unpad (LLaVA-NeXT) needs the image_newline tensor")
     model = LlavaVision(settings, tower, projector, newline[0] if newline else None)
-    model.tower.to(device=device, dtype=dtype).eval()
-    model.projector.to(device=device, dtype=dtype)
+    model.visual.to(device=device, dtype=dtype).eval()
     if model.newline is not None:
         model.newline = model.newline.to(device=device, dtype=dtype)
     return model

@@ -132,7 +132,7 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [batch, patches, width]
         b, n, w = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(self.ln_1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.scaled_dot_product_attention(q, k, v)  # [batch, heads, patches, head_dim]
         x = x + self.out_proj(attn.transpose(1, 2).reshape(b, n, w))
         return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
@@ -287,12 +287,17 @@ class QwenVLVision(VisionModel):
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
         return (pixels - self._mean) / self._std
 
-    @torch.inference_mode()
-    def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not pixel_values:
-            return []
-        batch = torch.stack(pixel_values).to(device=self.device, dtype=self.dtype)
-        return list(self.visual(batch).unbind(0))
+    def visual_module(self) -> QwenVisual:
+        return self.visual
+
+    def pixel_shape(self) -> tuple[int, int, int]:
+        return (3, self.cfg.image_size, self.cfg.image_size)
+
+    def stack(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(pixel_values).to(device=self.device, dtype=self.dtype)
+
+    def unstack(self, pixel_values: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
+        return list(features.unbind(0))
 
     def image_spans(self, prompt_ids: list[int]) -> list[tuple[int, int]]:
         """(index of ``<img>``, index of ``</img>``) of each span; a nested, stray or unclosed tag is an error."""

@@ -32,6 +32,18 @@ SIZE = 8
 SENTENCES = ["Describe the picture.", "What is in this image? A cat or a dog.", "Hello world, compare them."]
 
 
+class FakeVisual(torch.nn.Module):
+    """The fake's exportable stack: pixels [N, 3, SIZE, SIZE] -> [N, ROWS, hidden] through one fixed linear map."""
+
+    def __init__(self, proj: torch.Tensor, hidden: int):
+        super().__init__()
+        self.register_buffer("proj", proj)
+        self.hidden = hidden
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.flatten(1) @ self.proj).reshape(pixels.shape[0], ROWS, self.hidden)
+
+
 class FakeVisionModel(VisionModel):
     family = "llama"
 
@@ -40,8 +52,7 @@ class FakeVisionModel(VisionModel):
         self.image_token_id = image_token_id
         self.dtype = dtype
         # Scaled like the tiny Llama's token embeddings (std 0.02) so image rows matter but do not dominate.
-        self.proj = torch.randn(3 * SIZE * SIZE, ROWS * hidden, generator=g) * 0.02
-        self.hidden = hidden
+        self.visual = FakeVisual(torch.randn(3 * SIZE * SIZE, ROWS * hidden, generator=g) * 0.02, hidden)
         self.batch_sizes: list[int] = []
         self.preprocess_threads: list[str] = []
         self.fail_encode = False
@@ -54,14 +65,24 @@ class FakeVisionModel(VisionModel):
         pixels = torch.from_numpy(np.asarray(small, dtype=np.float32)).permute(2, 0, 1)  # [3, S, S]
         return pixels / 127.5 - 1.0
 
+    def visual_module(self) -> torch.nn.Module:
+        return self.visual
+
+    def pixel_shape(self) -> tuple[int, int, int]:
+        return (3, SIZE, SIZE)
+
+    def stack(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(pixel_values)
+
+    def unstack(self, pixel_values: list[torch.Tensor], features: torch.Tensor) -> list[torch.Tensor]:
+        return [r.to(self.dtype) for r in features]
+
     def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
         with self.lock:
             self.batch_sizes.append(len(pixel_values))
         if self.fail_encode:
             raise RuntimeError("fake encoder failure")
-        flat = torch.stack(pixel_values).reshape(len(pixel_values), -1)  # [B, 3*S*S]
-        rows = (flat @ self.proj).reshape(len(pixel_values), ROWS, self.hidden)
-        return [r.to(self.dtype) for r in rows]
+        return super().encode(pixel_values)
 
     def expand(self, prompt_ids: list[int], embeds: list[torch.Tensor], hashes: list[str]) -> PreparedPrompt:
         spans = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
