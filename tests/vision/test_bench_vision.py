@@ -1,6 +1,6 @@
-"""``rtp-mm bench --vision``: the harness on the test-only fake encoder (through the real CLI), and the bench's tiny
-checkpoints: names and shapes equal to the golden original-layout checkpoints built from the same config, and every
-one loads in rtp-mm as its MODEL_TYPE."""
+"""``rtp-mm bench --vision``: the harness on the test-only fake encoder (through the real CLI, ONNX columns included),
+and the bench's tiny checkpoints: names and shapes equal to the golden original-layout checkpoints built from the same
+config, and every one loads in rtp-mm as its MODEL_TYPE."""
 
 from __future__ import annotations
 
@@ -35,9 +35,13 @@ def test_cli_runs_the_vision_bench_and_writes_its_section(tmp_path, monkeypatch)
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rows_per_image"] == ROWS and r["images_per_s"] > 0 and 0 < r["ttft_ms_mean"] <= r["ttft_ms_max"]
+        assert r["onnx_export_s"] > 0 and r["onnx_mb"] > 0 and r["onnx_max_abs_err"] <= 1e-4
+        assert r["eager_images_per_s"] > 0 and r["ort_images_per_s"] > 0
     assert results[-1] == {"family": "nope", "error": "no vision encoder registered"}
     text = out.read_text()
     assert "kept" in text and bench_vision.SECTION_HEADING in text and "| llama | 2 | 6 |" in text
+    ratio = rows[1]["ort_images_per_s"] / rows[1]["eager_images_per_s"]
+    assert "| onnxruntime / eager |" in text and f"| {ratio:.2f}x |" in text  # the ONNX table, in the same section
 
 
 def _golden_shapes(case: str) -> dict[str, tuple[int, ...]]:
