@@ -118,6 +118,12 @@ class LLM:
         self.model_type = info
         self.device = engine_config.device
         self.dtype, self.weight_storage_dtype = resolve_dtypes(model_config, self.device)
+        if info.vision and engine_config.vision_backend == "tensorrt":
+            # Fail before minutes of weight loading when TensorRT or the GPU is missing (no fallback to PyTorch).
+            from rtp_mm.trt_builders.tensorrt_engine import cuda_identity, require_tensorrt
+
+            require_tensorrt()
+            cuda_identity(self.device)
         self.loaded: LoadedModel = load_model(
             info.family,
             info.name,
@@ -198,6 +204,8 @@ class LLM:
         self, info: ModelTypeInfo, model_config: ModelConfig, engine_config: EngineConfig
     ) -> VisionRunner | None:
         if not info.vision:
+            if engine_config.vision_backend != "torch":
+                logger.warning("VIT backend %s has no effect: %s has no vision encoder", self._vit_env(), info.name)
             return None
         from rtp_mm.vision.base import load_vision_model
         from rtp_mm.vision.runner import VisionRunner
@@ -209,7 +217,26 @@ class LLM:
         if model is None:
             logger.warning("%s: serving the text part only; the vision encoder is not implemented yet", info.name)
             return None
-        return VisionRunner(model)
+        backend = engine_config.vision_backend
+        if backend == "torch":
+            return VisionRunner(model)
+        from rtp_mm.trt_builders.build import VitBuildConfig, backend_encode_fn, precision_name
+
+        build = VitBuildConfig(
+            model_type=info.name,
+            cache_path=engine_config.vision_cache_path(),
+            backend=backend,
+            precision=precision_name(self.dtype),
+            batch_profile=engine_config.vit_trt_batch,
+            workspace_mb=engine_config.vit_trt_workspace_mb,
+            device=self.device,
+        )
+        encode_fn = backend_encode_fn(model, build, log=logger.warning)
+        # One engine call takes at most the profile's max batch: batch the runner to it.
+        return VisionRunner(model, encode_fn=encode_fn, max_batch=engine_config.vit_trt_batch[2])
+
+    def _vit_env(self) -> str:
+        return "VIT_TRT=1" if self.engine_config.vit_trt else f"VIT_BACKEND={self.engine_config.vit_backend}"
 
     def _num_kv_blocks(self, block_size: int) -> int:
         per_block = kv_block_bytes(self.loaded.model, block_size, self.dtype, int8_kv=self.engine_config.int8_kv_cache)

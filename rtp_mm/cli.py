@@ -1,4 +1,4 @@
-"""The ``rtp-mm`` console script: ``serve`` (the env-configured server), ``bench``, and later ``build-vit``."""
+"""The ``rtp-mm`` console script: ``serve`` (the env-configured server), ``bench`` and ``build-vit``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server (configured by environment variables, see README)")
     serve.set_defaults(func=_serve)
     sub.add_parser("bench", help="benchmark rtp-mm against HF transformers (see `rtp-mm bench --help`)")
+    from rtp_mm.trt_builders.cli import add_parser as add_build_vit
+
+    add_build_vit(sub)
     return parser
 
 

@@ -23,6 +23,7 @@ from rtp_mm.model_types import resolve_model_type
 
 DEFAULT_START_PORT = 8088
 DEFAULT_CONCURRENCY_LIMIT = 32
+VIT_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -170,7 +171,11 @@ class EngineConfig:
     tp_split_emb_and_lmhead: bool = True  # vocab-shard embedding/lm_head under TP (no effect at TP size 1)
     reuse_cache: bool = False  # prefix caching of full KV blocks
     extra_data_path: str = ""  # e.g. llava's CLIP tower folder
-    vit_trt: bool = False  # vision encoders run as TensorRT engines
+    vit_trt: bool = False  # vision encoders run as TensorRT engines (= VIT_BACKEND=tensorrt)
+    vit_backend: str = "torch"  # torch | onnxruntime | tensorrt: what runs the vision encoder
+    trt_cache_path: str = ""  # engine cache folder; "" = cache_dir() / "trt"
+    vit_trt_batch: tuple[int, int, int] = (1, 8, 16)  # TensorRT optimization profile of the batch axis: min, opt, max
+    vit_trt_workspace_mb: int = 4096  # TensorRT builder workspace limit
     ft_disable_custom_ar: bool = False  # no custom all-reduce under TP (no effect at TP size 1)
     load_ckpt_num_process: int = 1  # checkpoint loader processes; 0 = automatic
     max_num_batched_tokens: int = 0  # per-step token budget (prefill chunks + decodes); 0 = 512 on CPU, 4096 on CUDA
@@ -193,6 +198,29 @@ class EngineConfig:
         flags = ("int8_kv_cache", "pre_allocate_op_mem", "tp_split_emb_and_lmhead", "reuse_cache", "vit_trt")
         for name in (*flags, "ft_disable_custom_ar"):
             _check_bool(getattr(self, name), name.upper())
+        if self.vit_backend not in VIT_BACKENDS:
+            raise ConfigError(f"VIT_BACKEND={self.vit_backend!r}; accepted: {', '.join(VIT_BACKENDS)}")
+        if self.vit_trt and self.vit_backend == "onnxruntime":
+            raise ConfigError("VIT_TRT=1 and VIT_BACKEND=onnxruntime contradict each other; set one of them")
+        batch = self.vit_trt_batch
+        if (
+            not isinstance(batch, tuple)
+            or len(batch) != 3
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in batch)
+            or not 1 <= batch[0] <= batch[1] <= batch[2]
+        ):
+            raise ConfigError(f"VIT_TRT_BATCH={batch!r} must be three integers min,opt,max with 1 <= min <= opt <= max")
+        _check_int(self.vit_trt_workspace_mb, "VIT_TRT_WORKSPACE_MB", minimum=1)
+        if self.trt_cache_path and _is_remote(str(self.trt_cache_path)):
+            raise ConfigError(f"TRT_CACHE_PATH={self.trt_cache_path!r} must be a local folder")
+
+    @property
+    def vision_backend(self) -> str:
+        """What runs the vision encoder: VIT_TRT=1 means tensorrt."""
+        return "tensorrt" if self.vit_trt else self.vit_backend
+
+    def vision_cache_path(self) -> Path:
+        return Path(self.trt_cache_path) if self.trt_cache_path else trt_cache_path()
 
 
 @dataclass(frozen=True)
@@ -283,6 +311,15 @@ class _EnvParser:
         check_local_path(value, name, must_be_dir=must_be_dir)
         return value
 
+    def batch_profile(self, name: str, default: tuple[int, int, int]) -> tuple[int, int, int]:
+        value = self.raw(name)
+        if value is None:
+            return default
+        parts = [p.strip() for p in value.split(",")]
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"{name}={value!r}; accepted: three integers min,opt,max such as 1,8,16")
+        return int(parts[0]), int(parts[1]), int(parts[2])
+
     def log_level(self) -> str:
         value = self.raw("LOG_LEVEL")
         if value is None:
@@ -346,6 +383,10 @@ class _EnvParser:
             reuse_cache=self.flag("REUSE_CACHE", False),
             extra_data_path=self.path("EXTRA_DATA_PATH"),
             vit_trt=self.flag("VIT_TRT", False),
+            vit_backend=(self.raw("VIT_BACKEND") or "torch").lower(),
+            trt_cache_path=self.raw("TRT_CACHE_PATH") or "",
+            vit_trt_batch=self.batch_profile("VIT_TRT_BATCH", (1, 8, 16)),
+            vit_trt_workspace_mb=self.integer("VIT_TRT_WORKSPACE_MB", 4096, minimum=1),
             ft_disable_custom_ar=self.flag("FT_DISABLE_CUSTOM_AR", False),
             load_ckpt_num_process=self.integer("LOAD_CKPT_NUM_PROCESS", 1, minimum=0),
             max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 0, minimum=0),
@@ -381,6 +422,12 @@ def cache_dir(env: Mapping[str, str] | None = None) -> Path:
         return Path(env["RTP_MM_CACHE_DIR"])
     base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     return base / "rtp_mm"
+
+
+def trt_cache_path(env: Mapping[str, str] | None = None) -> Path:
+    """The vision-engine cache folder: ``TRT_CACHE_PATH``, else ``cache_dir() / "trt"``."""
+    env = os.environ if env is None else env
+    return Path(env["TRT_CACHE_PATH"]) if env.get("TRT_CACHE_PATH", "").strip() else cache_dir(env) / "trt"
 
 
 def configure_logging(level: str) -> None:

@@ -8,8 +8,10 @@ exactly what tracing captures; ``dynamic_axes`` makes that axis symbolic. The te
 check it at several batch sizes. torch marks this exporter deprecated (2.9+): if a release drops it, move to
 ``dynamo=True`` and add ``onnxscript``.
 
-The file is always fp32 (TensorRT picks its precision later, from builder flags): a model served in fp16/bf16 or on
-a GPU is exported from an fp32 CPU copy. Weights stay inside the ``.onnx`` file up to protobuf's 2 GiB message limit;
+The file is fp32 by default: a model served in fp16/bf16 or on a GPU is exported from an fp32 CPU copy, and only the
+fp32 graph is checked with onnxruntime. ``dtype=torch.float16/bfloat16`` exports a copy in that dtype instead (inputs,
+weights and output typed so): TensorRT builds strongly typed networks, whose precision is the graph's
+(``tensorrt_engine``). Weights stay inside the ``.onnx`` file up to protobuf's 2 GiB message limit;
 a larger model (EVA2-CLIP-E) keeps them in one external data file beside it, ``<name>.onnx.data``.
 """
 
@@ -97,17 +99,24 @@ class ExportReport:
 
 
 def export_onnx(
-    vision: VisionModel, path: Path, options: ExportOptions = ExportOptions(), check: bool = True
+    vision: VisionModel,
+    path: Path,
+    options: ExportOptions = ExportOptions(),
+    check: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> ExportReport:
-    """Export ``vision.visual_module()`` to ``path`` (fp32, dynamic batch axis), validate it with onnx.checker and,
-    with ``check``, compare onnxruntime to eager torch at every ``options.check_batches``. Raises ExportError."""
+    """Export ``vision.visual_module()`` to ``path`` (``dtype``, dynamic batch axis), validate it with onnx.checker
+    and, with ``check`` (fp32 only), compare onnxruntime to eager torch at every ``options.check_batches``. Raises
+    ExportError."""
     import onnx
 
+    if check and dtype != torch.float32:
+        raise ConfigError(f"export_onnx: the onnxruntime check runs on the fp32 graph, not {dtype}; pass check=False")
     path = Path(path)
     start = time.perf_counter()
-    module = fp32_cpu_module(vision)
+    module = cpu_module(vision, dtype)
     pixel_shape = vision.pixel_shape()
-    sample = sample_pixels(pixel_shape, TRACE_BATCH)
+    sample = sample_pixels(pixel_shape, TRACE_BATCH).to(dtype)
     with torch.no_grad():
         rows, hidden = module(sample).shape[1:]  # [batch, rows, hidden]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +156,7 @@ def _trace(module: torch.nn.Module, sample: torch.Tensor, path: Path, opset: int
 def check_onnx(vision: VisionModel, path: Path, options: ExportOptions) -> tuple[BatchCheck, ...]:
     """onnxruntime (CPU) against eager fp32 torch at each of ``options.check_batches``; raises ExportError naming the
     first batch whose max abs error exceeds ``options.tolerance``."""
-    return _check(fp32_cpu_module(vision), vision.pixel_shape(), Path(path), options)
+    return _check(cpu_module(vision), vision.pixel_shape(), Path(path), options)
 
 
 def _check(
@@ -180,24 +189,24 @@ def sample_pixels(pixel_shape: tuple[int, int, int], batch: int) -> torch.Tensor
     return torch.randn((batch, *pixel_shape), generator=torch.Generator().manual_seed(batch))
 
 
-def fp32_cpu_module(vision: VisionModel) -> torch.nn.Module:
-    """The visual module itself when it is fp32 on the CPU, else a copy that is. The copy's tensors are made on the
-    CPU in fp32 directly (deepcopy's memo), so a model on a GPU is never duplicated in GPU memory."""
+def cpu_module(vision: VisionModel, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The visual module itself when it is on the CPU in ``dtype``, else a copy that is. The copy's tensors are made
+    on the CPU in ``dtype`` directly (deepcopy's memo), so a model on a GPU is never duplicated in GPU memory."""
     module = vision.visual_module()
     tensors = [*module.parameters(), *module.buffers()]
-    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+    if all(t.device.type == "cpu" and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
         return module
     memo: dict[int, Any] = {}
     for p in module.parameters():
-        memo[id(p)] = torch.nn.Parameter(_fp32_cpu(p), requires_grad=False)
+        memo[id(p)] = torch.nn.Parameter(_cpu(p, dtype), requires_grad=False)
     for b in module.buffers():
-        memo[id(b)] = _fp32_cpu(b)
+        memo[id(b)] = _cpu(b, dtype)
     return copy.deepcopy(module, memo).eval()
 
 
-def _fp32_cpu(t: torch.Tensor) -> torch.Tensor:
+def _cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t = t.detach().to("cpu")
-    return t.float() if t.is_floating_point() else t.clone()
+    return t.to(dtype) if t.is_floating_point() else t.clone()
 
 
 def _write(model: Any, path: Path) -> int:

@@ -21,6 +21,7 @@ from rtp_mm.config import (
     Settings,
     WeightType,
     configure_logging,
+    trt_cache_path,
 )
 from rtp_mm.errors import ConfigError
 
@@ -588,3 +589,36 @@ def test_configure_logging_rejects_unknown(restore_root_logger) -> None:
     with pytest.raises(ConfigError, match="LOG_LEVEL"):
         configure_logging("LOUD")
     assert restore_root_logger.level == before
+
+
+# --- vision backends --------------------------------------------------------------------------------------------------
+
+
+def test_vision_backend_variables(tmp_path: Path) -> None:
+    engine = Settings.from_env({}).engine
+    assert (engine.vision_backend, engine.vit_trt_batch, engine.vit_trt_workspace_mb) == ("torch", (1, 8, 16), 4096)
+    assert engine.vision_cache_path() == trt_cache_path()
+    assert trt_cache_path({"RTP_MM_CACHE_DIR": str(tmp_path)}) == tmp_path / "trt"
+    assert parse(VIT_TRT="1").engine.vision_backend == "tensorrt"
+    assert parse(VIT_BACKEND="onnxruntime").engine.vision_backend == "onnxruntime"
+    engine = parse(VIT_BACKEND="TensorRT", VIT_TRT_BATCH="2, 4, 32", TRT_CACHE_PATH=str(tmp_path / "c")).engine
+    assert (engine.vision_backend, engine.vit_trt_batch) == ("tensorrt", (2, 4, 32))
+    assert engine.vision_cache_path() == tmp_path / "c"  # need not exist yet: the first build creates it
+
+
+@pytest.mark.parametrize(
+    "env,fragment",
+    [
+        ({"VIT_BACKEND": "openvino"}, "VIT_BACKEND='openvino'; accepted: torch, onnxruntime, tensorrt"),
+        ({"VIT_TRT": "1", "VIT_BACKEND": "onnxruntime"}, "VIT_TRT=1 and VIT_BACKEND=onnxruntime contradict"),
+        ({"VIT_TRT_BATCH": "8"}, "VIT_TRT_BATCH='8'; accepted: three integers min,opt,max"),
+        ({"VIT_TRT_BATCH": "8,4,16"}, "1 <= min <= opt <= max"),
+        ({"VIT_TRT_BATCH": "0,4,16"}, "1 <= min <= opt <= max"),
+        ({"VIT_TRT_WORKSPACE_MB": "0"}, "VIT_TRT_WORKSPACE_MB"),
+        ({"TRT_CACHE_PATH": "s3://bucket/trt"}, "TRT_CACHE_PATH='s3://bucket/trt' must be a local folder"),
+    ],
+)
+def test_vision_backend_variables_rejected(env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert fragment in str(info.value)

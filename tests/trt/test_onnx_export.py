@@ -16,7 +16,7 @@ import torch
 from golden_legacy import GOLDEN, golden_case
 from onnx import numpy_helper
 from PIL import Image
-from test_llava import SIZES, image, processor, save_llava, tiny_llava
+from test_llava import SIZES, image
 
 from rtp_mm.errors import ConfigError
 from rtp_mm.trt_builders import onnx_export
@@ -33,24 +33,6 @@ TOLERANCE = 1e-4
 def _load(family: str, path: Path, dtype: torch.dtype = torch.float32) -> VisionModel:
     config = json.loads((path / "config.json").read_text())
     return load_vision_model(family, str(path), config, "", "cpu", dtype)
-
-
-def _llava_checkpoint(root: Path, kind: str) -> Path:
-    path = root / kind
-    if not path.exists():
-        save_llava(tiny_llava(kind, seed=6), processor(kind), path, "save_pretrained")
-    return path
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("ckpt")
-    return {
-        "llava-1.5": ("llava", _llava_checkpoint(root, "llava")),
-        "llava-next": ("llava", _llava_checkpoint(root, "next")),
-        "qwen_vl": ("qwen_vl", GOLDEN / "qwen_vl" / "checkpoint"),
-        "chatglm4v": ("chatglm4v", GOLDEN / "glm4v" / "checkpoint"),
-    }
 
 
 @pytest.fixture(scope="module")
