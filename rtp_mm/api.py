@@ -118,12 +118,20 @@ class LLM:
         self.model_type = info
         self.device = engine_config.device
         self.dtype, self.weight_storage_dtype = resolve_dtypes(model_config, self.device)
+        self._skip_tokenizer_init = skip_tokenizer_init
         if info.vision and engine_config.vision_backend == "tensorrt":
             # Fail before minutes of weight loading when TensorRT or the GPU is missing (no fallback to PyTorch).
             from rtp_mm.trt_builders.tensorrt_engine import cuda_identity, require_tensorrt
 
             require_tensorrt()
             cuda_identity(self.device)
+        self._loop = EngineLoop(self._build_engine)  # loads on the engine thread: see loop.py
+        self.engine = self._loop.engine
+
+    def _build_engine(self) -> LLMEngine:
+        """Load the model and build the engine (runs on the engine thread)."""
+        info, model_config, engine_config = self.model_type, self.model_config, self.engine_config
+        skip_tokenizer_init = self._skip_tokenizer_init
         self.loaded: LoadedModel = load_model(
             info.family,
             info.name,
@@ -158,8 +166,7 @@ class LLM:
         runner = ModelRunner(self.loaded.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
         bm = BlockManager(num_blocks, block_size, enable_prefix_caching=engine_config.reuse_cache)
         scheduler = Scheduler(bm, engine_config.concurrency_limit, engine_config.step_token_budget)
-        self.engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
-        self._loop = EngineLoop(self.engine)
+        engine = LLMEngine(runner, scheduler, self.max_seq_len, self.tokenizer, eos)
         logger.info(
             "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, activations %s, weights %s",
             info.name,
@@ -170,6 +177,7 @@ class LLM:
             self.dtype,
             self.weight_path,
         )
+        return engine
 
     def _apply_weight_transforms(self, model_config: ModelConfig) -> None:
         """Weight storage and kernels as transformations of the built model (the decoder maths never branches)."""

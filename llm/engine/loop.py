@@ -2,6 +2,13 @@
 
 Other threads talk to it only through a command queue (submit, abort, stop); outputs go back through a per-request
 sink callable invoked on the engine thread (an asyncio sink hops to its event loop with call_soon_threadsafe).
+
+Given a factory instead of an engine, the loop builds the engine on its own thread first (loading, warm-up), so the
+whole model's compute runs on one thread. That matters on CPU: GNU OpenMP (PyTorch's intra-op threads) keeps one
+worker team per thread that ever ran a parallel region, and once its workers outnumber the CPUs it cuts their
+spin-wait to ~100 iterations, so every later parallel op (each GEMV of a decode step) pays a futex wake-up. A model
+loaded on the caller's thread and stepped on this one left two teams on a 2-core machine: batch-1 decode ran ~15%
+slower than stepping the same engine on the loading thread (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ Sink = Callable[[RequestOutput], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], idle_wait_s: float = 0.05):
+        """``engine``: a built engine, or a factory run on the loop's thread (errors are re-raised here)."""
+        self._factory = None if isinstance(engine, LLMEngine) else engine
+        self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # type: ignore[assignment]
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sinks: dict[int, Sink] = {}
@@ -31,6 +42,10 @@ class EngineLoop:
         self._idle_wait_s = idle_wait_s
         self._thread = threading.Thread(target=self._run, name="rtp-mm-engine", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            self._thread.join()
+            raise self._build_error
 
     @property
     def alive(self) -> bool:
@@ -102,6 +117,15 @@ class EngineLoop:
                 return False
 
     def _run(self) -> None:
+        if self._factory is not None:
+            try:
+                self.engine = self._factory()
+            except BaseException as e:  # handed to the constructor's thread
+                self._build_error = e
+                self._stopped.set()
+                self._ready.set()
+                return
+        self._ready.set()
         try:
             while self._drain_commands():
                 if not self.engine.has_work:
