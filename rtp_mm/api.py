@@ -127,6 +127,11 @@ class LLM:
             cuda_identity(self.device)
         self._loop = EngineLoop(self._build_engine)  # loads on the engine thread: see loop.py
         self.engine = self._loop.engine
+        if self.vision is not None and self.device == "cpu" and engine_config.vision_backend == "torch":
+            # The eager ViT on CPU runs between engine steps, on the engine thread: encoding on the callers' threads
+            # would compete with decoding for the cores anyway, and each such thread would add an OpenMP team.
+            encode = self.vision.encode_fn
+            self.vision.encode_fn = lambda pixels: self._loop.call(lambda _: encode(pixels), timeout=None)
 
     def _build_engine(self) -> LLMEngine:
         """Load the model and build the engine (runs on the engine thread)."""

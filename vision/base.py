@@ -21,9 +21,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from rtp_mm.llm.engine.request import MultimodalInput
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, used by all three families
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(
+    image: Any, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> torch.Tensor:
+    """An RGB PIL image -> [3, H, W] float32: / 255, then (x - mean) / std per channel.
+
+    In NumPy float32, whose elementwise ops round exactly as torch's (bit-identical results), because preprocessing
+    runs on pool threads: a torch op over a large image would start an OpenMP team on each of them, and extra teams
+    make the engine thread's OpenMP workers sleep between parallel regions (llm/engine/loop.py)."""
+    x = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    return torch.from_numpy(np.ascontiguousarray((x - m) / s))
 
 
 @dataclass(frozen=True)

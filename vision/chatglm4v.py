@@ -29,11 +29,9 @@ from torch import nn
 
 from rtp_mm.errors import CheckpointError, InvalidRequest
 from rtp_mm.llm.engine.request import MultimodalInput
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel
+from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel, normalize_pixels
 
 PREFIX = "transformer.vision."
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BOI_ID, EOI_ID = 151339, 151340  # glm-4v-9b; config.json boi_token_id / eoi_token_id override them
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -147,12 +145,7 @@ def preprocess_image(image: Any, size: int) -> torch.Tensor:
     """PIL image -> [3, size, size] float32, exactly the original's RGB / bicubic resize / CLIP-normalise."""
     from PIL import Image
 
-    rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    x = pixels.permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return normalize_pixels(image.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
 def image_positions(prompt_ids: list[int], spans: list[tuple[int, int]]) -> list[int]:

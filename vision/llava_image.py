@@ -11,15 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.loader import read_json
+from rtp_mm.vision.base import CLIP_MEAN, CLIP_STD, normalize_pixels
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECTS = ("square", "pad", "anyres")
 
 
@@ -91,10 +89,7 @@ def clip_pixels(image: Image.Image, proc: ImageProcessing) -> torch.Tensor:
             raise CheckpointError(f"center crop {proc.crop_hw} is larger than the resized image {(h, w)}")
         top, left = (h - ch) // 2, (w - cw) // 2
         image = image.crop((left, top, left + cw, top + ch))
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(proc.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(proc.std, dtype=torch.float32)[:, None, None]
-    return (x - mean) / std
+    return normalize_pixels(image, proc.mean, proc.std)
 
 
 def expand_to_square(image: Image.Image, mean: tuple[float, ...]) -> Image.Image:

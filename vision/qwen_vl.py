@@ -34,10 +34,8 @@ from torch import nn
 
 from rtp_mm.errors import CheckpointError, InvalidRequest
 from rtp_mm.llm.engine.request import MultimodalInput
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel
+from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel, normalize_pixels
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 N_QUERIES = 256  # fixed by the original code (not a config field)
 LN_EPS = 1e-6
 PREFIXES = ("transformer.visual.", "visual.")
@@ -275,8 +273,6 @@ class QwenVLVision(VisionModel):
         self.image_start_id = cfg.image_start_id
         self.image_end_id = cfg.image_start_id + 1
         self.image_pad_id = cfg.image_start_id + 2
-        self._mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(CLIP_STD).view(3, 1, 1)
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """[3, S, S] float32: RGB (alpha dropped, grey replicated), PIL bicubic resize, /255, CLIP mean/std."""
@@ -284,8 +280,7 @@ class QwenVLVision(VisionModel):
 
         size = self.cfg.image_size
         rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-        return (pixels - self._mean) / self._std
+        return normalize_pixels(rgb)
 
     def visual_module(self) -> QwenVisual:
         return self.visual

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,22 +62,31 @@ class EngineLoop:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
-    def call(self, fn: Callable[[LLMEngine], Any], timeout: float = 30.0) -> Any:
-        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+    def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 30.0) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result (directly when called from
+        the engine thread). ``timeout`` None waits as long as the engine lives."""
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)
+        if not self.alive:
+            raise EngineDead("the engine is shut down")
         done = threading.Event()
         box: dict[str, Any] = {}
 
         def run(engine: LLMEngine) -> None:
             try:
                 box["value"] = fn(engine)
-            except Exception as e:  # handed back to the caller
+            except BaseException as e:  # handed back to the caller
                 box["error"] = e
             done.set()
 
         self._commands.put(("call", run))
         self._wake.set()
-        if not done.wait(timeout):
-            raise TimeoutError("engine did not answer in time")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.1):
+            if not self.alive:  # stopped before running it: queued commands are dropped
+                raise EngineDead("the engine stopped before answering")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("engine did not answer in time")
         if "error" in box:
             raise box["error"]
         return box.get("value")

@@ -135,3 +135,50 @@ def test_one_generate_call_encodes_its_prompts_images_together(ckpt):
         assert sum(llm.vision.model.batch_sizes) == 3 and max(llm.vision.model.batch_sizes) >= 2
     finally:
         llm.shutdown()
+
+
+def test_cpu_vit_runs_on_the_engine_thread_between_steps(ckpt):
+    """The eager ViT on CPU is marshalled onto the engine thread (no OpenMP team per caller thread, loop.py); concurrent
+    requests still get their own rows, and a request after shutdown fails instead of hanging."""
+    path, image_id = ckpt
+    with registered():
+        llm = tiny_llm(path, MODEL_TYPE)
+    threads: list[str] = []
+    hook = llm.vision.model.visual_module().register_forward_hook(
+        lambda *_: threads.append(threading.current_thread().name)
+    )
+    try:
+        prompts = _prompts(image_id)[:3]
+        outs = llm.generate(prompts, generate_config=CFG, images=[[picture(s)] for s in (5, 6, 7)])
+        assert len(outs) == 3 and threads and set(threads) == {"rtp-mm-engine"}
+    finally:
+        hook.remove()
+        llm.shutdown()
+    with pytest.raises(Exception, match="shut down|stopped"):
+        llm.vision.encode_fn([llm.vision.model.preprocess(picture(8))])
+
+
+def test_normalize_pixels_is_torch_exact_and_starts_no_openmp_team():
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from rtp_mm.vision.base import CLIP_MEAN, CLIP_STD, normalize_pixels
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+    want = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    box: list = []
+
+    def pool_thread() -> None:  # counted while the thread lives: a dead thread's OpenMP team goes with it
+        before = tasks()
+        box.append(normalize_pixels(image))
+        box.append(tasks() - before)
+
+    worker = threading.Thread(target=pool_thread)
+    worker.start()
+    worker.join()
+    assert torch.equal(box[0], want) and box[0].is_contiguous()
+    assert box[1] == 0  # the torch formula above, run on such a thread, leaves one more (OpenMP worker) thread
