@@ -178,9 +178,7 @@ class EngineCache:
             if not broken:
                 return Lookup(folder, manifest)
             return Lookup(None, None, (f"cached entry {folder} is corrupt: {', '.join(broken)} changed or missing",))
-        same_kind = [
-            m for _, m in self.entries() if (m.key.model_type, m.key.backend) == (key.model_type, key.backend)
-        ]
+        same_kind = [m for _, m in self.entries() if (m.key.model_type, m.key.backend) == (key.model_type, key.backend)]
         if not same_kind:
             return Lookup(None, None, (f"no cached {key.backend} entry for {key.model_type} under {self.root}",))
         closest = min(same_kind, key=lambda m: len(describe_changes(m.key, key)))

@@ -78,4 +78,3 @@ def run(args: argparse.Namespace) -> int:
     folder, manifest = ensure_entry(vision, cfg, log=say, progress=say)
     print(json.dumps({"entry": str(folder), **manifest.as_dict()}, indent=2))
     return 0
-

@@ -73,9 +73,7 @@ class BlockManager:
     def _block_extra(self, req: Request, start: int, end: int) -> tuple[str, ...]:
         """Image content hashes of every multimodal span overlapping token range [start, end)."""
         return tuple(
-            mm.content_hash
-            for mm in req.mm_inputs
-            if mm.offset < end and mm.offset + mm.embeds.shape[0] > start
+            mm.content_hash for mm in req.mm_inputs if mm.offset < end and mm.offset + mm.embeds.shape[0] > start
         )
 
     def _full_block_hashes(self, req: Request, num_tokens: int) -> list[bytes]:

@@ -107,8 +107,10 @@ class LLMEngine:
             raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         needed = self.block_manager.blocks_needed(prompt_len + 1)
         if needed > self.block_manager.num_blocks:
-            raise PromptTooLongError(f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
-                                     f"{self.block_manager.num_blocks}")
+            raise PromptTooLongError(
+                f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
+                f"{self.block_manager.num_blocks}"
+            )
         if positions is not None:
             _check_positions(positions, prompt_len)
         bidirectional_len = 0

@@ -241,9 +241,7 @@ def test_presence_and_frequency_penalties_over_the_output():
         GenerateConfig(presence_penalty=presence, frequency_penalty=frequency), prompt_ids=prompt, output_ids=output
     )
     got = apply_penalties(torch.tensor(logits), req).tolist()
-    expected = [
-        v - frequency * output.count(i) - (presence if i in output else 0.0) for i, v in enumerate(logits)
-    ]
+    expected = [v - frequency * output.count(i) - (presence if i in output else 0.0) for i, v in enumerate(logits)]
     assert got == pytest.approx(expected, abs=1e-6)
     assert got[4] == 0.0 and got[1] == 0.5  # prompt-only tokens are not penalised
 

@@ -252,8 +252,9 @@ def test_preemption_takes_the_newest_requests_first():
 def test_random_workload_returns_every_block(caching):
     rng = random.Random(1234)
     num_blocks, bs = 48, 4
-    sched = make_scheduler(num_blocks=num_blocks, block_size=bs, max_num_seqs=8, budget=32, watermark=1,
-                           caching=caching)
+    sched = make_scheduler(
+        num_blocks=num_blocks, block_size=bs, max_num_seqs=8, budget=32, watermark=1, caching=caching
+    )
     shared = [[rng.randint(1, 30000) for _ in range(24)] for _ in range(4)]  # common system prompts
     pending = []
     for i in range(200):

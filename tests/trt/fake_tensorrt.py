@@ -142,7 +142,7 @@ class Builder:
                 assert monitor.step_complete("Tactic selection", step)
             monitor.phase_finish("Tactic selection")
             monitor.phase_finish("Building engine")
-        (name, shapes), = config.profiles[0].shapes.items()
+        ((name, shapes),) = config.profiles[0].shapes.items()
         BUILDS.append(
             {
                 "flags": network.flags,
