@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from oracle import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_llama
-from rtp_mm import LLM, GenerateConfig, ModelConfig, Settings
+from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.client import (
     AsyncClient,
     AuthenticationError,
@@ -25,8 +25,7 @@ from rtp_mm.client import (
     ServerError,
     error_from_body,
 )
-from rtp_mm.config import ServerConfig
-from rtp_mm.server.app import BackgroundServer, create_app
+from serving import background_server
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
 
@@ -43,13 +42,9 @@ def llm(tmp_path_factory):
     llm.shutdown()
 
 
-def _settings(llm: LLM, **server) -> Settings:
-    return Settings(model=llm.model_config, engine=llm.engine_config, server=ServerConfig(**server))
-
-
 @pytest.fixture(scope="module")
 def url(llm):
-    with BackgroundServer(create_app(llm, _settings(llm))) as url:
+    with background_server(llm) as url:
         yield url
 
 
@@ -179,7 +174,7 @@ def test_concurrency_limit_error(url, llm):
 
 
 def test_api_key(llm):
-    with BackgroundServer(create_app(llm, _settings(llm, api_key="k"))) as url:
+    with background_server(llm, api_key="k") as url:
         with Client(url) as anonymous, pytest.raises(AuthenticationError) as info:
             anonymous.generate("Hello", max_new_tokens=1)
         assert info.value.status == 401

@@ -19,9 +19,9 @@ from PIL import Image
 import rtp_mm.server.images as images_module
 from oracle import tiny_bpe_tokenizer, tiny_llama
 from rtp_mm import LLM, ModelConfig, Settings
-from rtp_mm.config import ServerConfig
 from rtp_mm.server.app import create_app
 from rtp_mm.server.images import ImageIntake, ImageLimits, _is_public
+from serving import server_settings
 
 GREEDY = {"top_k": 1, "max_new_tokens": 1}
 
@@ -55,7 +55,7 @@ def image_dir(tmp_path_factory):
 
 def _settings(llm: LLM, **server) -> Settings:
     limits = dict(image_max_count=2, image_max_mb=1, image_max_pixels=64 * 64, max_body_mb=4)
-    return Settings(model=llm.model_config, engine=llm.engine_config, server=ServerConfig(**{**limits, **server}))
+    return server_settings(llm, **{**limits, **server})
 
 
 @pytest.fixture

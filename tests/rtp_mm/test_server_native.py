@@ -23,6 +23,7 @@ from rtp_mm import LLM, EngineConfig, GenerateConfig, ModelConfig, Settings
 from rtp_mm.config import ServerConfig
 from rtp_mm.errors import ConfigError, EngineDead
 from rtp_mm.server.app import create_app, run_server
+from serving import server_settings
 
 MAX_SEQ_LEN = 256
 SLOW_MAX_SEQ_LEN = 4096
@@ -80,18 +81,14 @@ def slow_llm(ckpt):
     llm.shutdown()
 
 
-def _settings(llm: LLM) -> Settings:
-    return Settings(model=llm.model_config, engine=llm.engine_config)
-
-
 @pytest.fixture
 async def client(aiohttp_client, llm):
-    return await aiohttp_client(create_app(llm, _settings(llm)))
+    return await aiohttp_client(create_app(llm, server_settings(llm)))
 
 
 @pytest.fixture
 async def slow_client(aiohttp_client, slow_llm):
-    return await aiohttp_client(create_app(slow_llm, _settings(slow_llm)))
+    return await aiohttp_client(create_app(slow_llm, server_settings(slow_llm)))
 
 
 async def _post(client, body: dict, status: int = 200) -> dict:
@@ -408,7 +405,7 @@ async def test_disconnect_mid_stream_frees_kv_blocks(slow_client, slow_llm):
 
 async def test_disconnect_of_non_stream_request_with_handler_cancellation(aiohttp_client, slow_llm):
     # run_server enables handler_cancellation, so a non-stream client going away cancels its request too.
-    app = create_app(slow_llm, _settings(slow_llm))
+    app = create_app(slow_llm, server_settings(slow_llm))
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     steps_before = (await asyncio.to_thread(slow_llm.stats))["step_count"]
     task = asyncio.create_task(client.post("/", json={"prompt": "Hello", "max_new_tokens": LONG, **GREEDY}))
@@ -426,7 +423,7 @@ async def test_disconnect_of_non_stream_request_with_handler_cancellation(aiohtt
 # ---- lifecycle --------------------------------------------------------------------------------------------------
 async def test_owned_engine_is_shut_down_with_the_app(aiohttp_client, ckpt):
     llm = _llm(ckpt, MAX_SEQ_LEN)
-    client = await aiohttp_client(create_app(llm, _settings(llm), owns_llm=True))
+    client = await aiohttp_client(create_app(llm, server_settings(llm), owns_llm=True))
     assert (await _post(client, {"prompt": "Hello", "max_new_tokens": 2, **GREEDY}))["finished"] is True
     await client.close()
     with pytest.raises(EngineDead):

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from oracle import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_llama
-from rtp_mm import LLM, GenerateConfig, ModelConfig, Settings
-from rtp_mm.server.app import BackgroundServer, create_app
+from rtp_mm import LLM, GenerateConfig, ModelConfig
+from serving import background_server
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny tokenizer for tests."]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
@@ -34,7 +34,7 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(llm):
-    with BackgroundServer(create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config))) as url:
+    with background_server(llm) as url:
         yield url
 
 

@@ -24,9 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from oracle import tiny_bpe_tokenizer, tiny_llama
-from rtp_mm import LLM, ModelConfig, Settings
-from rtp_mm.config import ServerConfig
-from rtp_mm.server.app import BackgroundServer, create_app
+from rtp_mm import LLM, ModelConfig
+from serving import background_server
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
 LONG = 3000  # max_new_tokens of a request that runs for seconds
@@ -49,13 +48,9 @@ def llm(ckpt):
     llm.shutdown()
 
 
-def _settings(llm: LLM, **server) -> Settings:
-    return Settings(model=llm.model_config, engine=llm.engine_config, server=ServerConfig(**server))
-
-
 @pytest.fixture(scope="module")
 def url(llm):
-    with BackgroundServer(create_app(llm, _settings(llm))) as url:
+    with background_server(llm) as url:
         yield url
 
 
@@ -162,7 +157,7 @@ def test_concurrency_limit_and_worker_status(url, llm):
 
 
 def test_api_key(llm):
-    with BackgroundServer(create_app(llm, _settings(llm, api_key="s3cret"))) as url:
+    with background_server(llm, api_key="s3cret") as url:
         body = {"prompt": "Hello", "max_new_tokens": 1}
         code, error = _call(url, "/", body)
         assert code == 401 and error["error_code"] == 401 and "API key" in error["message"]
@@ -189,7 +184,7 @@ def test_access_log_at_info(url, caplog):
 
 def test_graceful_shutdown_finishes_in_flight_requests(ckpt):
     llm = LLM(ModelConfig(model_type="llama", ckpt_path=ckpt, max_seq_len=4096), kv_cache_mem_mb=16)
-    server = BackgroundServer(create_app(llm, _settings(llm), owns_llm=True))
+    server = background_server(llm, owns_llm=True)
     url = server.start()
     result = {}
 

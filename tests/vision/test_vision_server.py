@@ -19,9 +19,9 @@ import openai
 import pytest
 from fake_vision import IMAGE_TOKEN, MODEL_TYPE, ROWS, make_checkpoint, picture, registered
 
-from rtp_mm import LLM, GenerateConfig, ModelConfig, Settings
+from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.client import BadRequestError, Client
-from rtp_mm.server.app import BackgroundServer, create_app
+from serving import background_server
 
 NEW = 10
 GREEDY = GenerateConfig(max_new_tokens=NEW, top_k=1, ignore_eos=True)
@@ -50,7 +50,7 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(llm):
-    with BackgroundServer(create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config))) as url:
+    with background_server(llm) as url:
         yield url
 
 

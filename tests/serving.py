@@ -1,0 +1,19 @@
+"""Test helpers for the HTTP server: the Settings an app is built with, and a real server on a loopback port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtp_mm import LLM
+from rtp_mm.config import ServerConfig, Settings
+from rtp_mm.server.app import BackgroundServer, create_app
+
+
+def server_settings(llm: LLM, **server: Any) -> Settings:
+    """``llm``'s own model and engine configuration with the given ServerConfig fields."""
+    return Settings(model=llm.model_config, engine=llm.engine_config, server=ServerConfig(**server))
+
+
+def background_server(llm: LLM, owns_llm: bool = False, **server: Any) -> BackgroundServer:
+    """The real app for ``llm`` on a loopback port (``with background_server(llm) as url: ...``)."""
+    return BackgroundServer(create_app(llm, server_settings(llm, **server), owns_llm=owns_llm))
