@@ -173,8 +173,7 @@ def _check(
             raise ExportError(
                 f"{path}: at batch {batch} onnxruntime returns {tuple(got.shape)}, eager torch {tuple(expected.shape)}"
             )
-        err = float((got - expected).abs().max())
-        cosine = float(torch.nn.functional.cosine_similarity(got.double().flatten(), expected.double().flatten(), 0))
+        err, cosine = output_error(got, expected)
         if not err <= options.tolerance:  # also catches NaN
             raise ExportError(
                 f"{path}: onnxruntime differs from eager torch at batch {batch}: max abs error {err:.3g} > tolerance "
@@ -182,6 +181,12 @@ def _check(
             )
         checks.append(BatchCheck(batch, err, cosine))
     return tuple(checks)
+
+
+def output_error(got: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, cosine similarity) of a backend's output against eager torch's, over all values, in float64."""
+    got, expected = got.double().flatten(), expected.double().flatten()
+    return float((got - expected).abs().max()), float(torch.nn.functional.cosine_similarity(got, expected, 0))
 
 
 def sample_pixels(pixel_shape: tuple[int, int, int], batch: int) -> torch.Tensor:
