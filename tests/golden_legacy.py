@@ -67,10 +67,15 @@ def check_golden(llm: LLM, inputs: list[dict], expected: dict[str, torch.Tensor]
     cfg = GenerateConfig(max_new_tokens=8, top_k=1, logprobs=5, ignore_eos=True)
     prompts = [item["input_ids"] for item in inputs]
     for outs in ([llm.generate([p], cfg)[0] for p in prompts], llm.generate(prompts, cfg)):
-        for item, out in zip(inputs, outs, strict=True):
-            name = item["name"]
-            assert out.token_ids == expected[f"greedy_{name}"].tolist(), name
-            ref = torch.log_softmax(expected[f"greedy_logits_{name}"].double(), dim=-1)
-            for step, entry in enumerate(out.logprobs):
-                for token, lp in entry.items():
-                    assert abs(lp - float(ref[step, token])) < 1e-4, (name, step, token, lp, float(ref[step, token]))
+        assert_greedy_golden(outs, inputs, expected)
+
+
+def assert_greedy_golden(outs: list, inputs: list[dict], expected: dict[str, torch.Tensor]) -> None:
+    """Each output's greedy tokens equal the golden ones and its logprobs are within 1e-4 of the golden step logits."""
+    for item, out in zip(inputs, outs, strict=True):
+        name = item["name"]
+        assert out.token_ids == expected[f"greedy_{name}"].tolist(), name
+        ref = torch.log_softmax(expected[f"greedy_logits_{name}"].double(), dim=-1)
+        for step, entry in enumerate(out.logprobs):
+            for token, lp in entry.items():
+                assert abs(lp - float(ref[step, token])) < 1e-4, (name, step, token, lp, float(ref[step, token]))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden_legacy import GOLDEN, assert_logits_close, golden_case
+from golden_legacy import GOLDEN, assert_greedy_golden, assert_logits_close, golden_case
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -70,16 +70,6 @@ def full_logits(llm: LLM, item: dict) -> tuple[torch.Tensor, list[int]]:
     return llm._loop.call(run)
 
 
-def check_greedy(outs, items: list[dict], expected: dict[str, torch.Tensor]) -> None:
-    for item, out in zip(items, outs, strict=True):
-        name = item["name"]
-        assert out.token_ids == expected[f"greedy_{name}"].tolist(), name
-        ref = torch.log_softmax(expected[f"greedy_logits_{name}"].double(), dim=-1)
-        for step, entry in enumerate(out.logprobs):
-            for token, lp in entry.items():
-                assert abs(lp - float(ref[step, token])) < 1e-4, (name, step, token)
-
-
 def generate(llm: LLM, items: list[dict], config: GenerateConfig = GREEDY):
     return llm.generate([it["input_ids"] for it in items], config, images=[images_of(it) for it in items])
 
@@ -109,9 +99,9 @@ def test_golden_full_prompt_logits(llm, golden):
 
 def test_golden_greedy_alone_and_batched(llm, golden):
     inputs, expected = golden
-    check_greedy([generate(llm, [item])[0] for item in inputs], inputs, expected)
+    assert_greedy_golden([generate(llm, [item])[0] for item in inputs], inputs, expected)
     outs = generate(llm, inputs)  # prefills and decodes of different lengths in shared steps
-    check_greedy(outs, inputs, expected)
+    assert_greedy_golden(outs, inputs, expected)
     image = next(o for o, it in zip(outs, inputs, strict=True) if it["name"] == "image")
     assert image.aux_info["input_len"] == 16 + 4 - 1  # expanded tokens: 3 placeholder ids became 6 rows
 
@@ -120,7 +110,7 @@ def test_chunked_prefill_splits_the_image_span(golden):
     """A step budget of 3 tokens cuts every image span (6 rows) across steps; with 4-token blocks too."""
     inputs, expected = golden
     with glm4v_llm(block=4, max_num_batched_tokens=3) as llm:
-        check_greedy(generate(llm, inputs), inputs, expected)
+        assert_greedy_golden(generate(llm, inputs), inputs, expected)
 
 
 def test_preemption_recomputes_with_the_same_positions(golden):
@@ -128,7 +118,7 @@ def test_preemption_recomputes_with_the_same_positions(golden):
     (prompt and generated tokens), and every output still matches the original."""
     inputs, expected = golden
     with glm4v_llm(block=4, kv_cache_blocks=20, max_seq_len=80) as llm:
-        check_greedy(generate(llm, inputs), inputs, expected)
+        assert_greedy_golden(generate(llm, inputs), inputs, expected)
         assert llm.stats()["num_preemptions"] > 0
 
 
@@ -139,7 +129,7 @@ def test_prefix_cache_keys_images_and_positions(golden):
     with glm4v_llm(block=4, reuse_cache=True) as llm:
         first = generate(llm, [item])[0]
         again = generate(llm, [item])[0]
-        check_greedy([first, again], [item, item], expected)
+        assert_greedy_golden([first, again], [item, item], expected)
         assert again.aux_info["reuse_len"] > 24  # blocks past the image are reused
         changed = generate(llm, [other])[0]
         assert changed.aux_info["reuse_len"] <= 24  # only the blocks before the image (at index 24)
@@ -181,7 +171,7 @@ def test_vision_weights_from_extra_data_path(tmp_path, golden):
     save_file({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, str(vit / "model.safetensors"))
     item = next(it for it in inputs if it["name"] == "image_rgba")
     with glm4v_llm(lm, extra_data_path=str(vit)) as llm:
-        check_greedy(generate(llm, [item]), [item], expected)
+        assert_greedy_golden(generate(llm, [item]), [item], expected)
     with pytest.raises(CheckpointError, match="transformer.vision"):
         glm4v_llm(lm)
 

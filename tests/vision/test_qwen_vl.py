@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from golden_legacy import GOLDEN, assert_logits_close, golden_case
+from golden_legacy import GOLDEN, assert_greedy_golden, assert_logits_close, golden_case
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -142,13 +142,7 @@ def test_golden_greedy_alone_and_batched(llm, case):
     together = llm.generate(prompts, cfg, images=images)
     assert llm.vision.cache_hits - hits == sum(len(i) for i in images)
     for outs in (alone, together):
-        for item, out in zip(inputs, outs, strict=True):
-            name = item["name"]
-            assert out.token_ids == expected[f"greedy_{name}"].tolist(), name
-            ref = torch.log_softmax(expected[f"greedy_logits_{name}"].double(), dim=-1)
-            for step, entry in enumerate(out.logprobs):
-                for token, lp in entry.items():
-                    assert abs(lp - float(ref[step, token])) < 1e-4, (name, step, token)
+        assert_greedy_golden(outs, inputs, expected)
 
 
 def test_image_order_matters(llm, case):
