@@ -1,8 +1,6 @@
-"""The MODEL_TYPE registry: every name of the seed's Config.md, the family that serves it, and detection.
+"""MODEL_TYPE names: lookup, detection from a checkpoint's config.json, and compatibility checks.
 
-One explicit table (vLLM's habit): a MODEL_TYPE name maps to a *family* (one implementation file under
-``rtp_mm.llm.models``); aliases share a family. ``detect_model_type`` reads a checkpoint's ``config.json`` so that a
-MODEL_TYPE that contradicts the checkpoint fails with a friendly message instead of a shape error deep in loading.
+Every answer comes from the one family registry (``rtp_mm.llm.models.FAMILIES``); nothing here lists a family.
 """
 
 from __future__ import annotations
@@ -13,156 +11,63 @@ from pathlib import Path
 from typing import Any
 
 from rtp_mm.errors import ConfigError
+from rtp_mm.llm.models import FAMILIES
+from rtp_mm.llm.models.family import Family
 
 
 @dataclass(frozen=True)
 class ModelTypeInfo:
-    """One MODEL_TYPE name of the seed."""
+    """One MODEL_TYPE name of the seed, as its family declares it."""
 
     name: str  # the MODEL_TYPE value users set
-    family: str  # implementation family (a module name in rtp_mm.llm.models)
+    family: str  # implementation family (its declaration: ``family_of(name)``)
     vision: bool = False  # carries a vision encoder (llava, qwen_vl, chatglm4v)
     embedding: bool = False  # an embedding model: no generation, pooled vectors out
 
 
-def _entries(family: str, *names: str, **flags: bool) -> dict[str, ModelTypeInfo]:
-    return {n: ModelTypeInfo(name=n, family=family, **flags) for n in names}
-
-
-# All 30 names of ../shared/seed/Config.md, in the seed's order within each family.
-MODEL_TYPES: dict[str, ModelTypeInfo] = {
-    **_entries("chatglm", "chatglm", "chat_glm"),
-    **_entries("chatglm2", "chatglm2", "chat_glm_2"),
-    **_entries("chatglm3", "chatglm3", "chat_glm_3"),
-    **_entries("glm_130b", "glm_130b"),
-    **_entries("gpt_bigcode", "gpt_bigcode", "wizardcoder"),
-    **_entries("starcoder2", "starcoder2"),
-    **_entries("bloom", "bloom", "sgpt_bloom"),
-    **_entries("sgpt_bloom_vector", "sgpt_bloom_vector", embedding=True),
-    **_entries("llama", "llama", "xverse", "aquila", "internlm"),
-    **_entries("gemma", "gemma"),
-    **_entries("llava", "llava", vision=True),
-    **_entries("baichuan", "baichuan"),
-    **_entries("gpt_neox", "gpt_neox"),
-    **_entries("qwen", "qwen_7b", "qwen_13b", "qwen_1b8"),
-    **_entries("qwen_2", "qwen_2"),
-    **_entries("qwen_vl", "qwen_vl", vision=True),
-    **_entries("falcon", "falcon"),
-    **_entries("mpt", "mpt"),
-    **_entries("phi", "phi"),
-    **_entries("chatglm4v", "chatglm4v", vision=True),
-}
-
-SUPPORTED_NAMES: tuple[str, ...] = tuple(sorted(MODEL_TYPES))
-
-# HF `architectures` entry -> the canonical MODEL_TYPE it implies.
-ARCHITECTURE_TO_MODEL_TYPE: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "YiForCausalLM": "llama",
-    "XverseForCausalLM": "xverse",
-    "AquilaModel": "aquila",
-    "AquilaForCausalLM": "aquila",
-    "InternLMForCausalLM": "internlm",
-    "GemmaForCausalLM": "gemma",
-    "Qwen2ForCausalLM": "qwen_2",
-    "QWenLMHeadModel": "qwen_7b",
-    "QWenMLMHeadModel": "qwen_vl",
-    "BaichuanForCausalLM": "baichuan",
-    "BaiChuanForCausalLM": "baichuan",
-    "BloomForCausalLM": "bloom",
-    "BloomModel": "bloom",
-    "GPTBigCodeForCausalLM": "gpt_bigcode",
-    "Starcoder2ForCausalLM": "starcoder2",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "FalconForCausalLM": "falcon",
-    "RWForCausalLM": "falcon",
-    "MPTForCausalLM": "mpt",
-    "MptForCausalLM": "mpt",
-    "PhiForCausalLM": "phi",
-    "MixFormerSequentialForCausalLM": "phi",
-    "LlavaLlamaForCausalLM": "llava",
-    "LlavaForConditionalGeneration": "llava",
-    "LlavaNextForConditionalGeneration": "llava",
-    "LlavaMistralForCausalLM": "llava",  # LLaVA-NeXT's own repo (llava-v1.6-mistral-7b)
-    "LlavaQwenForCausalLM": "llava",  # LLaVA-NeXT's own repo (llava-onevision-qwen2)
-}
-
-# HF `model_type` field -> canonical MODEL_TYPE, used when `architectures` is missing or unknown.
-HF_MODEL_TYPE_TO_MODEL_TYPE: dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "gemma": "gemma",
-    "qwen2": "qwen_2",
-    "qwen": "qwen_7b",
-    "baichuan": "baichuan",
-    "bloom": "bloom",
-    "gpt_bigcode": "gpt_bigcode",
-    "starcoder2": "starcoder2",
-    "gpt_neox": "gpt_neox",
-    "falcon": "falcon",
-    "RefinedWeb": "falcon",
-    "RefinedWebModel": "falcon",
-    "mpt": "mpt",
-    "phi": "phi",
-    "phi-msft": "phi",
-    "mixformer-sequential": "phi",
-    "internlm": "internlm",
-    "xverse": "xverse",
-    "aquila": "aquila",
-    "llava": "llava",
-    "llava_next": "llava",
-    "llava_llama": "llava",
-    "llava_mistral": "llava",
-    "llava_qwen": "llava",
-}
-
-# Families that read the same checkpoint layout, so a MODEL_TYPE from one may serve a checkpoint detected as
-# another (RTP-LLM serves internlm/xverse/aquila through its Llama class, and Baichuan-7B is a Llama with W_pack).
-_COMPATIBLE_FAMILIES: tuple[frozenset[str], ...] = (
-    frozenset({"llama", "baichuan"}),
-    frozenset({"bloom", "sgpt_bloom_vector"}),
-    frozenset({"qwen", "qwen_vl"}),
-    # GLM v1 (2D RoPE, prefix-LM mask, per-head interleaved qkv) and GLM-130B, which inherits its layout and mask.
-    frozenset({"chatglm", "glm_130b"}),
-    # ChatGLM2/3 and GLM-4(V) share the causal MQA layout; v1 and v2 weights and positions are not interchangeable.
-    frozenset({"chatglm2", "chatglm3", "chatglm4v"}),
-)
+def model_types() -> dict[str, ModelTypeInfo]:
+    """Every MODEL_TYPE name of the registry (read afresh: the registry is the only copy)."""
+    return {
+        name: ModelTypeInfo(name, family.name, vision=bool(family.vision), embedding=family.embedding)
+        for family in FAMILIES.values()
+        for name in family.model_types
+    }
 
 
 def resolve_model_type(name: str, variable: str = "MODEL_TYPE") -> ModelTypeInfo:
     """The registry entry for ``name``; an unknown name raises ConfigError listing every supported name."""
-    info = MODEL_TYPES.get(name)
+    infos = model_types()
+    info = infos.get(name)
     if info is None:
-        raise ConfigError(f"{variable}={name!r} is not a supported model type; supported: {', '.join(SUPPORTED_NAMES)}")
+        raise ConfigError(f"{variable}={name!r} is not a supported model type; supported: {', '.join(sorted(infos))}")
     return info
 
 
+def family_of(model_type: str) -> Family:
+    return FAMILIES[resolve_model_type(model_type).family]
+
+
 def detect_model_type(config: dict[str, Any]) -> str | None:
-    """The canonical MODEL_TYPE a checkpoint's config.json implies, or None when it cannot tell."""
+    """The MODEL_TYPE a checkpoint's config.json implies, or None when it cannot tell: its ``architectures`` first,
+    then its ``model_type``."""
     for arch in config.get("architectures") or []:
-        if arch == "ChatGLMModel" or arch == "ChatGLMForConditionalGeneration":
-            return _detect_chatglm(config)
-        if arch in ARCHITECTURE_TO_MODEL_TYPE:
-            name = ARCHITECTURE_TO_MODEL_TYPE[arch]
-            if name == "qwen_7b" and "visual" in config:
-                return "qwen_vl"
-            return name
+        family = _pick([f for f in FAMILIES.values() if arch in f.architectures], config)
+        if family is not None:
+            return family.architectures[arch]
     hf_type = config.get("model_type")
-    if hf_type in ("chatglm", "glm"):
-        return _detect_chatglm(config)
-    if hf_type == "qwen" and "visual" in config:
-        return "qwen_vl"
-    return HF_MODEL_TYPE_TO_MODEL_TYPE.get(hf_type) if isinstance(hf_type, str) else None
+    if isinstance(hf_type, str):
+        family = _pick([f for f in FAMILIES.values() if hf_type in f.hf_model_types], config)
+        if family is not None:
+            return family.hf_model_types[hf_type]
+    return None
 
 
-def _detect_chatglm(config: dict[str, Any]) -> str:
-    if "vision_config" in config:
-        return "chatglm4v"
-    if "multi_query_group_num" in config or "padded_vocab_size" in config:
-        # ChatGLM2 and ChatGLM3 share one config shape; chatglm3 differs only in the rope base, read from the
-        # config, so either MODEL_TYPE is compatible (see _COMPATIBLE_FAMILIES).
-        return "chatglm2"
-    return "chatglm"
+def _pick(candidates: list[Family], config: dict[str, Any]) -> Family | None:
+    """Among families listing the same name: the one whose ``detect`` accepts the config, else the plain one."""
+    for family in candidates:
+        if family.detect is not None and family.detect(config):
+            return family
+    return next((f for f in candidates if f.detect is None), None)
 
 
 def read_config_json(ckpt_path: str | Path) -> dict[str, Any] | None:
@@ -182,9 +87,11 @@ def read_config_json(ckpt_path: str | Path) -> dict[str, Any] | None:
 
 
 def families_compatible(requested: str, detected: str) -> bool:
+    """Whether family ``requested`` reads checkpoints of family ``detected`` (the same family or the same layout)."""
     if requested == detected:
         return True
-    return any(requested in group and detected in group for group in _COMPATIBLE_FAMILIES)
+    layout = FAMILIES[requested].layout
+    return bool(layout) and FAMILIES[detected].layout == layout
 
 
 def check_model_type_matches(model_type: str, config: dict[str, Any], ckpt_path: str) -> None:
@@ -193,7 +100,7 @@ def check_model_type_matches(model_type: str, config: dict[str, Any], ckpt_path:
     if detected is None:
         return
     requested_family = resolve_model_type(model_type).family
-    detected_family = MODEL_TYPES[detected].family
+    detected_family = resolve_model_type(detected).family
     if not families_compatible(requested_family, detected_family):
         archs = config.get("architectures") or config.get("model_type")
         raise ConfigError(

@@ -160,18 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
 
-    from rtp_mm import LLM, ModelConfig, Settings
+    from rtp_mm import EngineClient, EngineConfig, ModelConfig, Settings
     from rtp_mm.server.app import BackgroundServer, create_app
 
     with tempfile.TemporaryDirectory(prefix="rtp-mm-load-") as tmp:
         build_tiny_checkpoint(Path(tmp), args.seed)
-        llm = LLM(
-            ModelConfig(model_type="llama", ckpt_path=tmp, max_seq_len=512, weight_type="FP32"),
-            kv_cache_mem_mb=64,
-            concurrency_limit=args.concurrency,
-        )
-        settings = Settings(model=llm.model_config, engine=llm.engine_config)
-        with BackgroundServer(create_app(llm, settings, owns_llm=True)) as url:
+        model = ModelConfig(model_type="llama", ckpt_path=tmp, max_seq_len=512, weight_type="FP32")
+        engine = EngineConfig(kv_cache_mem_mb=64, concurrency_limit=args.concurrency)
+        settings = Settings(model=model, engine=engine)
+        with BackgroundServer(create_app(EngineClient(model, engine), settings, owns_engine=True)) as url:
             result = asyncio.run(run_load(url, args.requests, args.concurrency, args.max_new_tokens, args.seed))
     if args.json:
         print(json.dumps(result))

@@ -110,8 +110,9 @@ class SystemSpec(NamedTuple):
 
 
 def kv_capacity_metrics(llm: Any, seq_len: int) -> dict[str, float]:
-    bm = llm.engine.block_manager
-    return {"kv_blocks": bm.num_blocks, "kv_max_seqs": bm.num_blocks // bm.blocks_needed(seq_len)}
+    stats = llm.stats()
+    blocks_per_seq = -(-seq_len // stats["block_size"])
+    return {"kv_blocks": stats["num_blocks"], "kv_max_seqs": stats["num_blocks"] // blocks_per_seq}
 
 
 def run_rtp(w: Workload, phases: str, system: SystemSpec, kv_cache_mb: int) -> dict[str, Any]:
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from rtp_mm.default_model import default_model_path
     from rtp_mm.errors import RtpMmError
-    from rtp_mm.tokenizer import load_tokenizer
+    from rtp_mm.tokenizers.loader import load_tokenizer
 
     try:
         systems_wanted = [SystemSpec.parse(s) for s in args.weight_types.split(",") if s.strip()]

@@ -3,14 +3,15 @@
     rtp-mm bench --vision                         # batch 1 and 8, 3 repeats, eager, CPU
     rtp-mm bench --vision --batches 1,8 --repeats 5 --output BENCHMARKS.md
 
-For each family with an encoder in ``VISION_LOADERS`` the bench writes a tiny random checkpoint in that family's real
+For each family whose declaration names a vision encoder the bench writes a tiny random checkpoint in that family's real
 on-disk layout (llava: HF ``LlavaForConditionalGeneration``; qwen_vl: Qwen-VL's ``transformer.visual.*``;
 chatglm4v: GLM-4V's ``transformer.vision.*``), loads it with ``LLM`` (FP32, eager, CPU) and measures, at each batch
 size b, with fresh random images (the encoder cache never hits):
 
   image-to-first-token: b requests of one image each, submitted together (a server burst); from submission to the
-      first generated token: preprocessing in the runner's pool, ViT batching, encoding, expansion, prefill.
-  encoder images/s: b images through ``VisionRunner.embeddings`` (hash, preprocess, one batched encode) / seconds.
+      first generated token: preprocessing on the callers' threads, the engine's encode stage (ViT batching across
+      the requests, encoding, expansion), prefill.
+  encoder images/s: b images hashed, preprocessed and encoded in one batch (``prepare_images`` + ``encode``) / s.
   ONNX (``vision_onnx``): export time and size of the visual module, and its CPU images/s at batch b in eager
       torch and in onnxruntime, side by side.
 
@@ -88,7 +89,6 @@ def _burst(llm: Any, prompts: list[list[int]], images: list[Any]) -> list[float]
 
 def bench_family(family: str, case: BenchCase, batches: list[int], repeats: int, workdir: Path) -> list[dict]:
     from rtp_mm import LLM, ModelConfig
-    from rtp_mm.vision.runner import image_hash
 
     path = workdir / family
     case.build(path)
@@ -114,7 +114,7 @@ def bench_family(family: str, case: BenchCase, batches: list[int], repeats: int,
                 seed += 1
                 images = random_images(b, seed)
                 start = time.perf_counter()
-                rows_out = llm.vision.embeddings(images, [image_hash(im) for im in images])
+                rows_out = llm.vision.encode([image.pixels for image in llm.client.prepare_images(images)])
                 rates.append(b / (time.perf_counter() - start))
             rows.append(
                 {
@@ -128,8 +128,8 @@ def bench_family(family: str, case: BenchCase, batches: list[int], repeats: int,
                 }
             )
         seed += 1
-        pixels = {b: [llm.vision.model.preprocess(im) for im in random_images(b, seed + b)] for b in batches}
-        onnx = bench_onnx(llm.vision.model, pixels, repeats, workdir)
+        pixels = {b: [llm.vision.preprocess(im) for im in random_images(b, seed + b)] for b in batches}
+        onnx = bench_onnx(llm.vision, pixels, repeats, workdir)
         return [{**r, **onnx[r["batch"]]} for r in rows]
     finally:
         llm.shutdown()
@@ -137,14 +137,14 @@ def bench_family(family: str, case: BenchCase, batches: list[int], repeats: int,
 
 def run(cases: dict[str, BenchCase], batches: list[int], repeats: int, families: list[str] | None = None) -> list[dict]:
     """One row per (registered family, batch); a family that cannot be benched gets one row with ``error``."""
-    import rtp_mm.vision  # noqa: F401  (importing it registers the encoders)
-    from rtp_mm.vision.base import VISION_LOADERS
+    from rtp_mm.llm.models import FAMILIES
 
-    wanted = families or sorted(set(VISION_LOADERS) | set(cases))  # an unregistered family shows as an error row
+    encoders = {name for name, family in FAMILIES.items() if family.vision}
+    wanted = families or sorted(encoders | set(cases))  # a family without an encoder shows as an error row
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rtp-bench-vision-") as tmp:
         for family in wanted:
-            if family not in VISION_LOADERS:
+            if family not in encoders:
                 results.append({"family": family, "error": "no vision encoder registered"})
             elif family not in cases:
                 results.append({"family": family, "error": "the bench has no tiny checkpoint for this family"})

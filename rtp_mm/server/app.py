@@ -1,7 +1,7 @@
-"""The aiohttp application: RTP-LLM's native routes and OpenAI's routes over one ``LLM``.
+"""The aiohttp application: RTP-LLM's native routes and OpenAI's routes over one ``EngineClient``.
 
     app = create_app(None, settings)           # the cleanup context loads the engine and owns it
-    app = create_app(llm, settings)            # tests, embedding in another aiohttp program: llm stays the caller's
+    app = create_app(client, settings)         # tests, embedding in another aiohttp program: stays the caller's
     run_server(settings)                       # ``python -m rtp_mm.start_server``
     with BackgroundServer(app) as url: ...     # serve on a free loopback port from a thread (tests, load script)
 
@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from rtp_mm.api import LLM
+from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import ConfigError
 from rtp_mm.server import native, openai_routes
@@ -38,9 +38,9 @@ from rtp_mm.server.errors import Unauthorized, error_middleware
 from rtp_mm.server.images import ImageIntake, ImageLimits, PublicAddressResolver
 from rtp_mm.server.metrics import ServerMetrics
 from rtp_mm.server.state import (
+    ENGINE_KEY,
     IMAGES_KEY,
     LIMITER_KEY,
-    LLM_KEY,
     METRICS_KEY,
     MODEL_NAME_KEY,
     SETTINGS_KEY,
@@ -80,19 +80,19 @@ async def auth_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     return await handler(request)
 
 
-def _model_name(llm: LLM) -> str:
-    return Path(llm.model_config.ckpt_path).name or llm.model_type.name
+def _model_name(engine: EngineClient) -> str:
+    return Path(engine.info.model_config.ckpt_path).name or engine.info.model_type.name
 
 
-def _resources(llm: LLM | None, owns_llm: bool) -> Any:
-    """The one cleanup context: the engine (loaded here when ``llm`` is None), the image-decoding pool and the
+def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
+    """The one cleanup context: the engine (loaded here when ``given`` is None), the image-decoding pool and the
     image-fetch session, all released on cleanup (after in-flight requests finished)."""
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS_KEY]
-        owned = owns_llm or llm is None
-        engine = llm or await asyncio.to_thread(LLM, settings.model, settings.engine)
-        app[LLM_KEY] = engine
+        owned = owns_engine or given is None
+        engine = given or await asyncio.to_thread(EngineClient, settings.model, settings.engine)
+        app[ENGINE_KEY] = engine
         app[MODEL_NAME_KEY] = _model_name(engine)
         limits = ImageLimits.from_server_config(settings.server)
         pool = ThreadPoolExecutor(IMAGE_DECODE_THREADS, thread_name_prefix="rtp-mm-image")
@@ -100,7 +100,9 @@ def _resources(llm: LLM | None, owns_llm: bool) -> Any:
         if limits.url_hosts:
             connector = aiohttp.TCPConnector(resolver=PublicAddressResolver())
             session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": "rtp-mm"})
-        app[IMAGES_KEY] = ImageIntake(limits, pool, session)
+        # A vision model's images are hashed and preprocessed in the same pool job that decodes them.
+        prepare = engine.prepare_image if engine.vision is not None else None
+        app[IMAGES_KEY] = ImageIntake(limits, pool, session, prepare)
         try:
             yield
         finally:
@@ -113,10 +115,10 @@ def _resources(llm: LLM | None, owns_llm: bool) -> Any:
     return resources
 
 
-def create_app(llm: LLM | None, settings: Settings, *, owns_llm: bool = False) -> web.Application:
-    """The aiohttp app serving ``llm`` (None: loaded from ``settings`` at start-up and owned by the app).
+def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: bool = False) -> web.Application:
+    """The aiohttp app serving ``engine`` (None: loaded from ``settings`` at start-up and owned by the app).
 
-    With ``owns_llm`` a given ``llm`` is also shut down on cleanup."""
+    With ``owns_engine`` a given engine is also shut down on cleanup."""
     server = settings.server
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
@@ -125,7 +127,7 @@ def create_app(llm: LLM | None, settings: Settings, *, owns_llm: bool = False) -
     app[SETTINGS_KEY] = settings
     app[LIMITER_KEY] = ConcurrencyLimiter(settings.engine.concurrency_limit)
     app[METRICS_KEY] = ServerMetrics()
-    app.cleanup_ctx.append(_resources(llm, owns_llm))
+    app.cleanup_ctx.append(_resources(engine, owns_engine))
     router = app.router
     router.add_post("/", native.handle_generate)
     router.add_get("/", native.handle_home)
@@ -149,7 +151,7 @@ def run_server(settings: Settings) -> None:
 
     def announce(_aiohttp_banner: str) -> None:
         # WARNING so that the one start-up line shows under the default LOG_LEVEL=WARNING.
-        logger.warning("rtp-mm serving %s on http://%s:%d", app[LLM_KEY].model_type.name, host, port)
+        logger.warning("rtp-mm serving %s on http://%s:%d", app[ENGINE_KEY].info.model_type.name, host, port)
 
     try:
         web.run_app(

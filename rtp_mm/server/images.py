@@ -23,6 +23,7 @@ import binascii
 import io
 import ipaddress
 import socket
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,24 @@ class PublicAddressResolver(AbstractResolver):
 
 class ImageIntake:
     """Loads the images of one request. Shared by all requests; owns nothing but borrowed resources:
-    ``executor`` decodes (CPU work off the event loop) and ``session`` fetches remote images (None: never fetches)."""
+    ``executor`` decodes (CPU work off the event loop) and ``session`` fetches remote images (None: never fetches).
+    ``prepare`` (the engine client's, for a vision model) turns each decoded image into the encoder's input in the
+    same pool job, so an image crosses to a pool thread once and reaches the engine ready to encode."""
 
-    def __init__(self, limits: ImageLimits, executor: Executor, session: aiohttp.ClientSession | None):
+    def __init__(
+        self,
+        limits: ImageLimits,
+        executor: Executor,
+        session: aiohttp.ClientSession | None,
+        prepare: Callable[[Image.Image, int], Any] | None = None,
+    ):
         self.limits = limits
         self.executor = executor
         self.session = session
+        self.prepare = prepare
 
-    async def load(self, refs: list[str], uploads: dict[str, bytes]) -> list[Image.Image]:
+    async def load(self, refs: list[str], uploads: dict[str, bytes]) -> list[Any]:
+        """Decoded images (or, with ``prepare``, the encoder inputs), in order."""
         if len(refs) > self.limits.max_count:
             raise InvalidRequest(f"{len(refs)} images in one request; IMAGE_MAX_COUNT allows {self.limits.max_count}")
         blobs = [await self._bytes(i, ref, uploads) for i, ref in enumerate(refs)]
@@ -108,10 +119,12 @@ class ImageIntake:
         if unused:
             raise InvalidRequest(f"uploaded part(s) {sorted(unused)} are not referenced as upload://<name>")
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self.executor, decode_image, b, self.limits.max_pixels, i) for i, b in enumerate(blobs)
-        ]
+        jobs = [loop.run_in_executor(self.executor, self._decode, b, i) for i, b in enumerate(blobs)]
         return list(await asyncio.gather(*jobs))
+
+    def _decode(self, data: bytes, index: int) -> Any:
+        image = decode_image(data, self.limits.max_pixels, index)
+        return image if self.prepare is None else self.prepare(image, index)
 
     async def _bytes(self, index: int, ref: Any, uploads: dict[str, bytes]) -> bytes:
         if not isinstance(ref, str) or not ref:

@@ -3,6 +3,10 @@ health probes, ``GET /worker_status`` and ``POST /tokenizer/encode``. Parsing an
 
 Every generation request holds one slot of the in-flight counter from before its images are loaded until its
 response (or stream) is finished, failed or cancelled; a request beyond ``CONCURRENCY_LIMIT`` gets 409/513.
+
+Path of a request: the event loop parses the body; images (if any) are decoded, hashed and preprocessed in the image
+pool; the engine thread tokenizes, encodes the images, admits, prefills and decodes; outputs come back to the event
+loop. Prompts are never tokenized here (docs/ARCHITECTURE.md, "The path of a request").
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ from typing import Any
 
 from aiohttp import web
 
-from rtp_mm.api import LLM
+from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import RtpMmError
-from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.server.body import read_body
 from rtp_mm.server.errors import describe_error
-from rtp_mm.server.generation import engine_outputs, final_outputs
+from rtp_mm.server.generation import RequestGroup
 from rtp_mm.server.protocol import (
     STREAM_DONE,
     NativeRequest,
@@ -34,7 +38,7 @@ from rtp_mm.server.protocol import (
     stream_event,
     tokenizer_encode_body,
 )
-from rtp_mm.server.state import IMAGES_KEY, LIMITER_KEY, LLM_KEY, METRICS_KEY, SETTINGS_KEY
+from rtp_mm.server.state import ENGINE_KEY, IMAGES_KEY, LIMITER_KEY, METRICS_KEY, SETTINGS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +49,23 @@ async def read_request_body(request: web.Request) -> tuple[dict[str, Any], dict[
 
 
 async def load_images(request: web.Request, refs: list[Any], uploads: dict[str, bytes]) -> list[Any]:
-    """Decode every image (limits checked), then refuse them if the model cannot take images."""
+    """Decode every image (limits checked) and prepare it for the encoder, then refuse them if the model cannot
+    take images."""
     if not refs and not uploads:
         return []
     images = await request.app[IMAGES_KEY].load(refs, uploads)
-    llm = request.app[LLM_KEY]
-    check_images(len(images), llm.model_type, llm.vision is not None)
+    engine = request.app[ENGINE_KEY]
+    check_images(len(images), engine.info.model_type, engine.vision is not None)
     return images
 
 
-def _make_requests(llm: LLM, native: NativeRequest, images: list[Any]) -> list[Request]:
-    """Tokenize, expand the images and validate every (prompt, sequence) pair, prompt-major; raises InvalidRequest
-    subclasses. Runs in a worker thread: the vision encoder runs here (its cache serves the repeated sequences)."""
+def _make_requests(engine: EngineClient, native: NativeRequest, images: list[Any]) -> list[EngineRequest]:
+    """One engine request per (prompt, sequence) pair, prompt-major; the engine tokenizes and validates them (the
+    encoder cache serves a prompt's images to all its sequences)."""
     configs = native.sequence_configs()
-    groups = native_image_groups(native, images) if images else [None] * len(native.prompts)
+    groups = native_image_groups(native, images) if images else [[] for _ in native.prompts]
     return [
-        llm.make_request(prompt, config, group)
+        engine.request(prompt, config, group)
         for prompt, group in zip(native.prompts, groups, strict=True)
         for config in configs
     ]
@@ -76,11 +81,12 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     native = parse_native_request(body)
     with app[LIMITER_KEY].slot():
         images = await load_images(request, native_image_refs(native), uploads)
-        # Tokenizing a long prompt takes milliseconds, encoding images far longer: off the event loop.
-        requests = await asyncio.to_thread(_make_requests, app[LLM_KEY], native, images)
-        if native.stream:
-            return await _stream(request, native, requests)
-        outs = await final_outputs(app[LLM_KEY], requests, app[METRICS_KEY])
+        requests = _make_requests(app[ENGINE_KEY], native, images)
+        async with RequestGroup(app[ENGINE_KEY], requests, app[METRICS_KEY]) as group:
+            await group.accepted()  # a rejected prompt is an HTTP error, before any byte of a stream
+            if native.stream:
+                return await _stream(request, native, group)
+            outs = await group.finals()
         views = _empty_views(native)
         for index, out in enumerate(outs):
             i, j = divmod(index, native.num_sequences)
@@ -88,15 +94,14 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         return web.json_response(response_body(native, views), dumps=dumps)
 
 
-async def _stream(request: web.Request, native: NativeRequest, requests: list[Request]) -> web.StreamResponse:
+async def _stream(request: web.Request, native: NativeRequest, group: RequestGroup) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
     resp.content_type = "text/event-stream"
     await resp.prepare(request)
     views = _empty_views(native)
     incremental = native.config.return_incremental
     try:
-        outputs = engine_outputs(request.app[LLM_KEY], requests, request.app[METRICS_KEY])
-        async with aclosing(outputs):
+        async with aclosing(group.outputs()) as outputs:
             async for index, out in outputs:
                 if incremental:  # an event carries only what is new since the previous event
                     for view in (v for seqs in views for v in seqs):
@@ -133,7 +138,7 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_worker_status(request: web.Request) -> web.Response:
     # stats() waits for the engine thread to finish its current step.
-    stats = await asyncio.to_thread(request.app[LLM_KEY].stats)
+    stats = await asyncio.to_thread(request.app[ENGINE_KEY].stats)
     block_size = stats["block_size"]
     return web.json_response(
         {
@@ -147,19 +152,19 @@ async def handle_worker_status(request: web.Request) -> web.Response:
     )
 
 
-def _encode_with_tokens(llm: LLM, prompt: str) -> dict:
-    token_ids = llm.encode(prompt)
+def _encode_with_tokens(engine: EngineClient, prompt: str) -> dict:
+    token_ids = engine.tokenize(prompt)
     # As RTP-LLM: each id decoded on its own.
-    return {"token_ids": token_ids, "tokens": [llm.tokenizer.decode([t]) for t in token_ids], "error": ""}
+    return {"token_ids": token_ids, "tokens": [engine.token_text(t) for t in token_ids], "error": ""}
 
 
 async def handle_tokenizer_encode(request: web.Request) -> web.Response:
     prompt = tokenizer_encode_body(parse_json_body(await request.read()))
-    body = await asyncio.to_thread(_encode_with_tokens, request.app[LLM_KEY], prompt)
+    body = await asyncio.to_thread(_encode_with_tokens, request.app[ENGINE_KEY], prompt)
     return web.json_response(body, dumps=dumps)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
-    stats = await asyncio.to_thread(request.app[LLM_KEY].stats)
+    stats = await asyncio.to_thread(request.app[ENGINE_KEY].stats)
     text = request.app[METRICS_KEY].render(stats, request.app[LIMITER_KEY].in_flight)
     return web.Response(body=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

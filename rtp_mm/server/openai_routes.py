@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from rtp_mm.api import LLM
-from rtp_mm.errors import InvalidRequest, NotImplementedYetError, RtpMmError
+from rtp_mm.api.engine_client import EngineClient
+from rtp_mm.errors import InvalidRequest, RtpMmError
 from rtp_mm.llm.engine.engine import RequestOutput
-from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
-from rtp_mm.server.generation import engine_outputs, final_outputs
+from rtp_mm.server.generation import RequestGroup
 from rtp_mm.server.native import load_images, read_request_body
 from rtp_mm.server.openai_protocol import (
     OpenAIRequest,
@@ -36,7 +36,7 @@ from rtp_mm.server.openai_protocol import (
     usage,
 )
 from rtp_mm.server.protocol import dumps
-from rtp_mm.server.state import LIMITER_KEY, LLM_KEY, METRICS_KEY, MODEL_NAME_KEY
+from rtp_mm.server.state import ENGINE_KEY, LIMITER_KEY, METRICS_KEY, MODEL_NAME_KEY
 
 logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -49,25 +49,34 @@ def _event(body: Any) -> bytes:
 class _Answer:
     """Turns engine outputs of one OpenAI request into choices (chat or text completion)."""
 
-    def __init__(self, llm: LLM, parsed: OpenAIRequest, requests: list[Request], chat: bool, model: str):
-        self.llm, self.parsed, self.requests, self.chat, self.model = llm, parsed, requests, chat, model
+    def __init__(
+        self, engine: EngineClient, parsed: OpenAIRequest, requests: list[EngineRequest], chat: bool, model: str
+    ):
+        self.engine, self.parsed, self.requests, self.chat, self.model = engine, parsed, requests, chat, model
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = now()
         self.object = "chat.completion" if chat else "text_completion"
         self.text_offsets = [0] * len(requests)
 
     def token_text(self, token: int) -> str:
-        return self.llm.tokenizer.decode([token])
+        return self.engine.token_text(token)
 
     def _tokens(self, index: int, out: RequestOutput, new_only: bool) -> tuple[list[int], list[dict[int, float]]]:
         """Generated ids with their logprob entries, without an EOS that ended the request (it has no text)."""
         ids, lps = out.token_ids, out.logprobs or []
-        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.requests[index].eos_token_ids:
+        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids(index):
             ids, lps = ids[:-1], lps[:-1]
         if new_only:
             start = len(out.token_ids) - out.num_new_tokens
             ids, lps = ids[start:], lps[start:]
         return ids, lps
+
+    def eos_token_ids(self, index: int) -> frozenset[int]:
+        """The ids that end request ``index`` (its own eos_token_id, or the model's), which carry no text."""
+        config = self.requests[index].config
+        if config.ignore_eos:
+            return frozenset()
+        return frozenset({config.eos_token_id}) if config.eos_token_id is not None else self.engine.info.eos_token_ids
 
     def logprobs(self, index: int, out: RequestOutput, new_only: bool = False) -> dict[str, Any] | None:
         top = self.parsed.logprobs
@@ -125,44 +134,41 @@ def _model_name(request: web.Request, parsed: OpenAIRequest) -> str:
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    llm = request.app[LLM_KEY]
+    info = request.app[ENGINE_KEY].info
     model = {
         "id": request.app[MODEL_NAME_KEY],
         "object": "model",
         "created": 0,
         "owned_by": "rtp-mm",
-        "root": llm.model_config.ckpt_path,
-        "max_model_len": llm.max_seq_len,
+        "root": info.model_config.ckpt_path,
+        "max_model_len": info.max_seq_len,
     }
     return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
 
 
-def _make_requests(llm: LLM, parsed: OpenAIRequest, images: list[Any]) -> list[Request]:
-    """Runs in a worker thread. Chat image parts were decoded by the intake (``images``, in order); here they become
-    the model's placeholders in the rendered prompt and are encoded."""
-    prompts: list[str | list[int]] = parsed.prompts
-    if parsed.messages:
-        ids, sources = llm.chat_prompt(parsed.messages)
-        if len(sources) != len(images):
-            raise InvalidRequest(f"{len(sources)} image parts but {len(images)} decoded images")
-        prompts = [ids]
+def _make_requests(engine: EngineClient, parsed: OpenAIRequest, images: list[Any]) -> list[EngineRequest]:
+    """One engine request per (prompt, sample). A chat is sent as its messages: the engine renders the template,
+    each image part becoming the model's placeholder for the next of ``images`` (decoded and prepared in order)."""
+    prompts: list[Any] = [parsed.messages] if parsed.messages else parsed.prompts
     configs = parsed.sequence_configs()
-    return [llm.make_request(prompt, config, images or None) for prompt in prompts for config in configs]
+    return [engine.request(prompt, config, images) for prompt in prompts for config in configs]
 
 
 async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str, bytes], chat: bool):
     app = request.app
-    llm = app[LLM_KEY]
+    engine = app[ENGINE_KEY]
     with app[LIMITER_KEY].slot():
         images = await load_images(request, parsed.image_refs, uploads)
-        try:
-            requests = await asyncio.to_thread(_make_requests, llm, parsed, images)
-        except InvalidRequest as e:
-            raise InvalidParam(e.message, "messages" if chat else "prompt", e.error_code) from None
-        answer = _Answer(llm, parsed, requests, chat, _model_name(request, parsed))
-        if parsed.stream:
-            return await _stream(request, answer)
-        outs = await final_outputs(llm, requests, app[METRICS_KEY])
+        requests = _make_requests(engine, parsed, images)
+        answer = _Answer(engine, parsed, requests, chat, _model_name(request, parsed))
+        async with RequestGroup(engine, requests, app[METRICS_KEY]) as group:
+            try:
+                await group.accepted()  # a rejected prompt is an HTTP error, before any byte of a stream
+            except InvalidRequest as e:
+                raise InvalidParam(e.message, "messages" if chat else "prompt", e.error_code) from None
+            if parsed.stream:
+                return await _stream(request, answer, group)
+            outs = await group.finals()
         return web.json_response(answer.body(outs), dumps=dumps)
 
 
@@ -176,7 +182,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, parse_completion_request(body), uploads, chat=False)
 
 
-async def _stream(request: web.Request, answer: _Answer) -> web.StreamResponse:
+async def _stream(request: web.Request, answer: _Answer, group: RequestGroup) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
     resp.content_type = "text/event-stream"
     await resp.prepare(request)
@@ -185,8 +191,7 @@ async def _stream(request: web.Request, answer: _Answer) -> web.StreamResponse:
         if answer.chat:
             roles = [answer.delta_choice(i, "", None, None) for i in range(len(answer.requests))]
             await resp.write(_event(answer.chunk(roles)))
-        outputs = engine_outputs(answer.llm, answer.requests, request.app[METRICS_KEY])
-        async with aclosing(outputs):
+        async with aclosing(group.outputs()) as outputs:
             async for index, out in outputs:
                 if out.num_new_tokens:
                     choice = answer.delta_choice(index, out.delta_text, out, None)
@@ -247,17 +252,15 @@ def parse_embedding_input(inputs: Any) -> list[str] | list[list[int]]:
 
 
 async def handle_embeddings(request: web.Request) -> web.Response:
-    llm = request.app[LLM_KEY]
+    engine = request.app[ENGINE_KEY]
     body, _ = await read_request_body(request)
-    if not llm.model_type.embedding:
+    model_type = engine.info.model_type
+    if not model_type.embedding:
         raise InvalidParam(
-            f"MODEL_TYPE={llm.model_type.name} is a generative model, not an embedding model: /v1/embeddings needs "
+            f"MODEL_TYPE={model_type.name} is a generative model, not an embedding model: /v1/embeddings needs "
             "an embedding MODEL_TYPE (e.g. sgpt_bloom_vector)",
             "model",
         )
-    embed = getattr(llm, "embed", None)
-    if embed is None:
-        raise NotImplementedYetError(f"MODEL_TYPE={llm.model_type.name}: embeddings are not implemented yet")
     inputs = parse_embedding_input(body.get("input"))
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
@@ -266,8 +269,8 @@ async def handle_embeddings(request: web.Request) -> web.Response:
     if not isinstance(is_query, bool):
         raise InvalidParam(f"is_query must be a boolean, got {is_query!r}", "is_query")
     with request.app[LIMITER_KEY].slot():
-        vectors = await asyncio.to_thread(embed, inputs, is_query)
-    num_tokens = sum(len(llm.encode(t)) if isinstance(t, str) else len(t) for t in inputs)
+        vectors = await asyncio.to_thread(engine.embed, inputs, is_query)
+    num_tokens = sum(len(engine.tokenize(t)) if isinstance(t, str) else len(t) for t in inputs)
     data = [
         {"object": "embedding", "embedding": _encode_vector(vector, encoding), "index": i}
         for i, vector in enumerate(vectors)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
-from rtp_mm.api import LLM
+from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import CapacityExceeded
 from rtp_mm.server.images import ImageIntake
@@ -39,7 +39,7 @@ class ConcurrencyLimiter:
             self.in_flight -= 1
 
 
-LLM_KEY = web.AppKey("llm", LLM)
+ENGINE_KEY = web.AppKey("engine", EngineClient)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 LIMITER_KEY = web.AppKey("limiter", ConcurrencyLimiter)
 METRICS_KEY = web.AppKey("metrics", ServerMetrics)

@@ -219,20 +219,34 @@ class ChatGLM2Tokenizer:
         return ids + [self.special_ids["<|assistant|>"]]
 
 
-def load_glm_tokenizer(path: Path, family: str) -> Any:
-    """The adapter for a GLM checkpoint folder holding the original vocabulary and no tokenizer.json, else None."""
-    if (path / "tokenizer.json").exists():
+def _original_files(path: Path, vocabulary: str) -> bool:
+    """The original release's files: its vocabulary and no tokenizer.json (which transformers would read itself),
+    and not GLM-4's (whose tiktoken tokenizer.model the loader reads by its class, ChatGLM4Tokenizer)."""
+    if not (path / vocabulary).exists() or (path / "tokenizer.json").exists():
+        return False
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return config.get("tokenizer_class") != "ChatGLM4Tokenizer"
+
+
+def load_chatglm(path: Path) -> ChatGLMTokenizer | None:
+    """ChatGLM-6B's ``ice_text.model`` (family ``chatglm``)."""
+    if not _original_files(path, "ice_text.model"):
         return None
     config_file = path / "tokenizer_config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    if (config.get("tokenizer_class") == "ChatGLM4Tokenizer" or family == "chatglm4v") and (
-        path / "tokenizer.model"
-    ).exists():
-        from rtp_mm.tokenizers.glm4 import GLM4Tokenizer  # GLM-4's tokenizer.model is tiktoken, not sentencepiece
+    return ChatGLMTokenizer(path / "ice_text.model", int(config.get("num_image_tokens", 0)))
 
-        return GLM4Tokenizer.from_dir(path)
-    if family == "chatglm" and (path / "ice_text.model").exists():
-        return ChatGLMTokenizer(path / "ice_text.model", int(config.get("num_image_tokens", 0)))
-    if family in ("chatglm2", "chatglm3") and (path / "tokenizer.model").exists():
-        return ChatGLM2Tokenizer(path / "tokenizer.model", roles=family == "chatglm3")
-    return None
+
+def load_chatglm2(path: Path) -> ChatGLM2Tokenizer | None:
+    """ChatGLM2's sentencepiece ``tokenizer.model`` (family ``chatglm2``)."""
+    if not _original_files(path, "tokenizer.model"):
+        return None
+    return ChatGLM2Tokenizer(path / "tokenizer.model", roles=False)
+
+
+def load_chatglm3(path: Path) -> ChatGLM2Tokenizer | None:
+    """ChatGLM3's: ChatGLM2's vocabulary plus the role tokens (family ``chatglm3``)."""
+    if not _original_files(path, "tokenizer.model"):
+        return None
+    return ChatGLM2Tokenizer(path / "tokenizer.model", roles=True)

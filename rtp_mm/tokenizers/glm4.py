@@ -204,3 +204,11 @@ def _message(n: int, message: Any) -> tuple[str, str, bool]:
         else:
             raise InvalidRequest(f"messages[{n}].content has a part that is not text or an image: {part!r}")
     return message["role"], text, has_image
+
+
+def load(path: Path) -> GLM4Tokenizer | None:
+    """GLM-4's tiktoken ``tokenizer.model`` when the folder ships no tokenizer.json (family ``chatglm4v``, or any
+    folder whose tokenizer_config.json names ChatGLM4Tokenizer)."""
+    if not (path / VOCAB_FILE).exists() or (path / "tokenizer.json").exists():
+        return None
+    return GLM4Tokenizer.from_dir(path)

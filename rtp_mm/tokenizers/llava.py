@@ -7,6 +7,7 @@ Only original-layout tokenizers need it: llava-hf tokenizers carry ``<image>`` a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rtp_mm.vision.llava import IMAGE_TOKEN_INDEX
@@ -40,3 +41,12 @@ def with_image_token(tokenizer: Any) -> Any:
     """``tokenizer`` wrapped when ``<image>`` is not one of its tokens (original LLaVA), else unchanged (llava-hf)."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return tokenizer if IMAGE_TEXT in vocab else LlavaImageTokenizer(tokenizer)
+
+
+def load(path: Path) -> Any | None:
+    """The LM's transformers tokenizer, with ``<image>`` -> -200 when it is an original LLaVA one (family ``llava``)."""
+    from rtp_mm.tokenizers.loader import auto_tokenizer
+
+    if not ((path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()):
+        return None
+    return with_image_token(auto_tokenizer(path))

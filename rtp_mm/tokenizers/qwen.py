@@ -145,3 +145,10 @@ def _role(message: dict[str, Any]) -> str:
     if not isinstance(role, str) or not role:
         raise InvalidRequest(f"chat message {message!r} needs a non-empty string 'role'")
     return role
+
+
+def load(path: Path) -> QwenTokenizer | None:
+    """Qwen v1's ``qwen.tiktoken`` when the folder ships no tokenizer.json (family ``qwen``)."""
+    if not (path / VOCAB_FILE).exists() or (path / "tokenizer.json").exists():
+        return None
+    return QwenTokenizer.from_dir(path)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rtp_mm.errors import InvalidRequest
-from rtp_mm.tokenizers.qwen import QwenTokenizer
+from rtp_mm.tokenizers.qwen import VOCAB_FILE, QwenTokenizer
 
 VL_SPECIAL_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
 IMG_TOKEN_SPAN = 256
@@ -110,3 +110,10 @@ class QwenVLTokenizer(QwenTokenizer):
             else:
                 raise InvalidRequest(f"Qwen-VL list item {item!r} has none of 'image', 'text', 'box'")
         return text
+
+
+def load(path: Path) -> QwenVLTokenizer | None:
+    """Qwen-VL's: the same ``qwen.tiktoken`` plus the image/grounding specials and <img> spans (family ``qwen_vl``)."""
+    if not (path / VOCAB_FILE).exists() or (path / "tokenizer.json").exists():
+        return None
+    return QwenVLTokenizer.from_dir(path)

@@ -26,7 +26,7 @@ from rtp_mm.errors import ConfigError
 from rtp_mm.trt_builders.cache import EngineCache, EngineKey, Manifest, weights_sha256
 from rtp_mm.trt_builders.onnx_export import ExportOptions, export_onnx, output_error, sample_pixels
 from rtp_mm.vision.base import VisionModel
-from rtp_mm.vision.runner import EncodeFn
+from rtp_mm.vision.inputs import EncodeFn
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def compare_with_eager(
 
 
 def backend_encode_fn(vision: VisionModel, cfg: VitBuildConfig, log: Callable[[str], None] = logger.info) -> EncodeFn:
-    """The VisionRunner ``encode_fn`` of ``cfg.backend``, from the cache (built now on a miss)."""
+    """The encoder ``encode`` of ``cfg.backend`` (in place of the eager one), from the cache (built now on a miss)."""
     from rtp_mm.trt_builders.ort_backend import OnnxRuntimeEncoder
     from rtp_mm.trt_builders.ort_backend import backend_encode_fn as wrap
 

@@ -1,5 +1,5 @@
-"""onnxruntime as a vision backend: an exported visual module (``onnx_export``) run on the CPU, plugged into
-``VisionRunner``'s ``encode_fn`` slot through ``backend_encode_fn``, which the TensorRT backend shares.
+"""onnxruntime as a vision backend: an exported visual module (``onnx_export``) run on the CPU, plugged into the
+engine's image encoder (``encode``, in place of the eager one) through ``backend_encode_fn``, shared with TensorRT.
 
 Only the visual module changes backend: ``VisionModel.stack`` and ``unstack`` (per-image Python such as llava-next's
 tile merge) stay eager, so a backend's rows differ from eager ``encode`` only by the graph's numerics.
@@ -14,7 +14,7 @@ import torch
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.vision.base import VisionModel
-from rtp_mm.vision.runner import EncodeFn
+from rtp_mm.vision.inputs import EncodeFn
 
 
 class OnnxRuntimeEncoder:

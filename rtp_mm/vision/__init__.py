@@ -1,3 +1,1 @@
-"""Vision encoders; importing a family's module registers its loader in ``VISION_LOADERS``."""
-
-from rtp_mm.vision import chatglm4v, llava, qwen_vl  # noqa: F401
+"""Vision encoders: one module per family (llava, qwen_vl, chatglm4v), each named by its family declaration."""

@@ -3,28 +3,28 @@
 A vision family (llava, qwen_vl, chatglm4v) provides a ``VisionModel``: it turns one image into pixel values
 (``preprocess``, the original implementation's exact resize/crop/normalise), pixel values into rows of the LLM's
 input-embedding space (``encode``, batched over images), and a prompt with placeholder spans into the expanded token
-ids plus the ``MultimodalInput`` rows spliced over them (``expand``). The engine never runs a vision tower: it only
-receives ``PreparedPrompt``s. ``VisionRunner`` (``rtp_mm.vision.runner``) adds hashing, the encoder-output cache and
-batching around a VisionModel.
+ids plus the ``MultimodalInput`` rows spliced over them (``expand``). Preprocessing runs where images arrive
+(``inputs.prepare_image``); ``encode`` and ``expand`` run in the engine's encode stage (``llm/engine/multimodal.py``),
+which batches images across requests and caches their rows by content hash.
 
 ``encode`` is three pieces so that another backend (onnxruntime, TensorRT; ``rtp_mm.trt_builders``) can replace the
 middle one: ``stack`` (Python: images -> one pixel batch), ``visual_module`` (a pure tensor graph, exported to ONNX
 with a dynamic batch axis), ``unstack`` (Python: the batch's features -> each image's rows, e.g. llava-next's merge).
 
-Families register a loader in ``VISION_LOADERS``; ``load_vision_model`` builds the VisionModel of a checkpoint.
+A family's declaration (``rtp_mm.llm.models``) names its loader; ``load_vision_model`` builds a checkpoint's encoder.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from rtp_mm.llm.engine.request import MultimodalInput
+from rtp_mm.llm.engine.multimodal import PreparedPrompt
+from rtp_mm.llm.models import FAMILIES
+from rtp_mm.llm.models.family import resolve
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, used by all three families
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -44,20 +44,9 @@ def normalize_pixels(
     return torch.from_numpy(np.ascontiguousarray((x - m) / s))
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt with its images expanded. Invariant: every ``mm_inputs[i]`` covers rows inside ``token_ids``."""
-
-    token_ids: list[int]
-    mm_inputs: list[MultimodalInput] = field(default_factory=list)
-    # Explicit rotary position of every prompt token (chatglm4v: all rows of an image share one position); None =
-    # 0..n-1. Generated tokens continue from the last prompt position + 1.
-    positions: list[int] | None = None
-
-
 class VisionModel(ABC):
-    """One checkpoint's vision stack. Implementations are eager torch, any device/dtype, and thread-compatible
-    (``encode`` is called under the VisionRunner's lock)."""
+    """One checkpoint's vision stack. Implementations are eager torch, any device/dtype. ``preprocess`` is called
+    from any thread (it must not touch shared state); ``encode`` and ``expand`` only from the engine thread."""
 
     family: str = ""
 
@@ -102,16 +91,12 @@ class VisionModel(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not render image parts")
 
 
-VisionLoader = Callable[..., VisionModel]
-# family -> loader(ckpt_path: str, config: dict, extra_data_path: str, device, dtype) -> VisionModel
-VISION_LOADERS: dict[str, VisionLoader] = {}
-
-
 def load_vision_model(
     family: str, ckpt_path: str, config: dict, extra_data_path: str, device: str, dtype: torch.dtype
 ) -> VisionModel | None:
-    """The VisionModel of a vision family's checkpoint, or None where the family has no encoder implemented yet."""
-    loader = VISION_LOADERS.get(family)
-    if loader is None:
+    """The VisionModel of a family's checkpoint (the loader its declaration names), or None for a text family."""
+    declared = FAMILIES[family].vision
+    if not declared:
         return None
+    loader = resolve(declared)
     return loader(ckpt_path=ckpt_path, config=config, extra_data_path=extra_data_path, device=device, dtype=dtype)

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.errors import CheckpointError, InvalidRequest
-from rtp_mm.llm.engine.request import MultimodalInput
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel, normalize_pixels
+from rtp_mm.llm.engine.multimodal import MultimodalInput, PreparedPrompt
+from rtp_mm.vision.base import VisionModel, normalize_pixels
 
 PREFIX = "transformer.vision."
 BOI_ID, EOI_ID = 151339, 151340  # glm-4v-9b; config.json boi_token_id / eoi_token_id override them
@@ -282,6 +282,3 @@ def load(ckpt_path: str, config: dict, extra_data_path: str, device: str, dtype:
     model = model.to(device=device, dtype=dtype).eval()
     boi, eoi = config.get("boi_token_id", BOI_ID), config.get("eoi_token_id", EOI_ID)
     return GLM4VVision(model, vc["image_size"], boi, eoi, dtype)
-
-
-VISION_LOADERS["chatglm4v"] = load

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from rtp_mm.errors import CheckpointError, InvalidRequest
-from rtp_mm.llm.engine.request import MultimodalInput
+from rtp_mm.llm.engine.multimodal import MultimodalInput, PreparedPrompt
 from rtp_mm.vision import llava_merge
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel
+from rtp_mm.vision.base import VisionModel
 from rtp_mm.vision.clip import ClipVisionSpec, ClipVisionTower, activation, layers_to_run
 from rtp_mm.vision.llava_image import ImageProcessing, anyres_images, clip_pixels, expand_to_square
 from rtp_mm.vision.llava_image import processing_from_files as _processing
@@ -372,6 +372,3 @@ def _projector(state: dict[str, torch.Tensor], s: LlavaSettings, config: dict[st
                 linear.bias.copy_(state[bias_name])
         linears.append(linear)
     return linears
-
-
-VISION_LOADERS["llava"] = load_llava

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.errors import CheckpointError, InvalidRequest
-from rtp_mm.llm.engine.request import MultimodalInput
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel, normalize_pixels
+from rtp_mm.llm.engine.multimodal import MultimodalInput, PreparedPrompt
+from rtp_mm.vision.base import VisionModel, normalize_pixels
 
 N_QUERIES = 256  # fixed by the original code (not a config field)
 LN_EPS = 1e-6
@@ -356,6 +356,3 @@ def load_qwen_vl(
     state = state_dict_from_checkpoint(read_visual_tensors(source), cfg, shapes)
     visual.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return QwenVLVision(cfg, visual, device, dtype)
-
-
-VISION_LOADERS["qwen_vl"] = load_qwen_vl

@@ -3,7 +3,8 @@ independently of the real encoders, on a tiny random HF Llama.
 
 It is llava-shaped: one ``<image>`` token in the prompt becomes ``ROWS`` embedding rows. The encoder is a fixed
 random linear map of the image resized to 8x8 (deterministic, so two runs or two processes agree), and it records
-every call (batch sizes, threads) so tests can see batching and where preprocessing ran. The oracle of the fusion
+every call (batch sizes, the threads that preprocessed and encoded) so tests can see batching and where each stage
+ran. The oracle of the fusion
 tests is HF transformers run on ``inputs_embeds`` spliced by the test itself (``hf_inputs_embeds``).
 """
 
@@ -20,9 +21,10 @@ import torch
 from PIL import Image
 
 from rtp_mm.errors import InvalidRequest
-from rtp_mm.llm.engine.request import MultimodalInput
-from rtp_mm.model_types import MODEL_TYPES, ModelTypeInfo
-from rtp_mm.vision.base import VISION_LOADERS, PreparedPrompt, VisionModel
+from rtp_mm.llm.engine.multimodal import MultimodalInput, PreparedPrompt
+from rtp_mm.llm.models import FAMILIES, llama
+from rtp_mm.llm.models.family import Family
+from rtp_mm.vision.base import VisionModel
 from rtp_mm_testing.oracle import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_llama
 
 MODEL_TYPE = "fake_vision"
@@ -55,6 +57,7 @@ class FakeVisionModel(VisionModel):
         self.visual = FakeVisual(torch.randn(3 * SIZE * SIZE, ROWS * hidden, generator=g) * 0.02, hidden)
         self.batch_sizes: list[int] = []
         self.preprocess_threads: list[str] = []
+        self.encode_threads: list[str] = []
         self.fail_encode = False
         self.lock = threading.Lock()
 
@@ -80,6 +83,7 @@ class FakeVisionModel(VisionModel):
     def encode(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
         with self.lock:
             self.batch_sizes.append(len(pixel_values))
+            self.encode_threads.append(threading.current_thread().name)
         if self.fail_encode:
             raise RuntimeError("fake encoder failure")
         return super().encode(pixel_values)
@@ -105,16 +109,19 @@ class FakeVisionModel(VisionModel):
         return IMAGE_TOKEN
 
 
-def _load_fake(ckpt_path: str, config: dict, extra_data_path: str, device: str, dtype: torch.dtype) -> VisionModel:
+def load_fake(ckpt_path: str, config: dict, extra_data_path: str, device: str, dtype: torch.dtype) -> VisionModel:
     return FakeVisionModel(config["image_token_index"], config["hidden_size"], dtype)
 
 
 @contextlib.contextmanager
 def registered() -> Iterator[None]:
-    """MODEL_TYPE=fake_vision (a Llama LM with a vision encoder) for the duration of the block."""
+    """MODEL_TYPE=fake_vision (a Llama LM with the fake encoder) declared in the registry for the duration of the
+    block, as a real family declares itself."""
+    family = Family(
+        MODEL_TYPE, (MODEL_TYPE,), llama.build, layout="llama", vision="rtp_mm_testing.fake_vision:load_fake"
+    )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(MODEL_TYPES, MODEL_TYPE, ModelTypeInfo(MODEL_TYPE, "llama", vision=True))
-        mp.setitem(VISION_LOADERS, "llama", _load_fake)
+        mp.setitem(FAMILIES, MODEL_TYPE, family)
         yield
 
 
@@ -160,3 +167,23 @@ def hf_greedy_embeds(model: torch.nn.Module, embeds: torch.Tensor, max_new_token
         pad_token_id=0,
     )
     return out[0, -max_new_tokens:].tolist()
+
+
+@contextlib.contextmanager
+def engine_paused(client) -> Iterator[None]:
+    """Hold the engine thread (a blocking ``call``) for the block: requests submitted meanwhile queue up and are
+    admitted together when it ends, so one engine step sees all of them (deterministic batching in tests)."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(_engine) -> None:
+        entered.set()
+        gate.wait(30)
+
+    holder = threading.Thread(target=client.call, args=(hold, 60.0))
+    holder.start()
+    assert entered.wait(30), "the engine thread did not pick up the pause"
+    try:
+        yield
+    finally:
+        gate.set()
+        holder.join()

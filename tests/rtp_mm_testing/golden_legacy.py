@@ -1,9 +1,9 @@
 """Checks against ``shared/golden/<case>``: tiny checkpoints of the legacy families in their original on-disk format,
 with the outputs of their original implementations (see that folder's README.md).
 
-Full-prompt logits come from one prefill of the engine's own ModelRunner (the same prepare/forward path a request
-takes, but every row turned into logits); greedy tokens and per-step log-probabilities come from ``LLM.generate``,
-i.e. prefill then one token per step through the paged KV cache.
+Full-prompt logits come from one prefill of the engine's own ModelRunner (``engine_probe``: the same admission and
+step a request takes, but every row turned into logits); greedy tokens and per-step log-probabilities come from
+``LLM.generate``, i.e. prefill then one token per step through the paged KV cache.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from rtp_mm import LLM, GenerateConfig
-from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from rtp_mm_testing.engine_probe import prompt_logits
 from rtp_mm_testing.shared import GOLDEN, golden, require  # noqa: F401  (GOLDEN re-exported)
 
 
@@ -24,27 +24,6 @@ def golden_case(case: str) -> tuple[Path, list[dict], dict[str, torch.Tensor]]:
     require(folder / "expected.safetensors")
     inputs = json.loads((folder / "inputs.json").read_text())
     return folder / "checkpoint", inputs, load_file(str(folder / "expected.safetensors"))
-
-
-@torch.inference_mode()
-def prompt_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """Logits [len(prompt), vocab] of one full prefill, through the engine's runner and KV cache.
-
-    Uses KV blocks from 0 up: call it only while the engine is idle and prefix reuse is off."""
-    runner = llm.engine.runner
-    req = llm.engine.make_request(prompt, GenerateConfig(max_new_tokens=1, top_k=1))
-    num_blocks = -(-len(prompt) // runner.block_size)
-    seq = ScheduledSeq(req, start=0, num_new_tokens=len(prompt), block_table=tuple(range(num_blocks)), sample=True)
-    inputs = runner.prepare(ScheduledBatch(decodes=(), prefills=(seq,), preempted=(), num_tokens=len(prompt)))
-    hidden = runner.model(
-        inputs.input_ids,
-        inputs.positions,
-        inputs.meta,
-        runner.caches,
-        seq_lens=inputs.seq_lens,
-        prompt_lens=inputs.prompt_lens,
-    )
-    return runner.model.compute_logits(hidden)
 
 
 def assert_logits_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+
 from rtp_mm import LLM
 from rtp_mm.config import ServerConfig, Settings
 from rtp_mm.server.app import BackgroundServer, create_app
@@ -14,6 +16,11 @@ def server_settings(llm: LLM, **server: Any) -> Settings:
     return Settings(model=llm.model_config, engine=llm.engine_config, server=ServerConfig(**server))
 
 
+def app_for(llm: LLM, owns_llm: bool = False, **server: Any) -> web.Application:
+    """The real app serving ``llm``'s engine (the server uses its EngineClient only)."""
+    return create_app(llm.client, server_settings(llm, **server), owns_engine=owns_llm)
+
+
 def background_server(llm: LLM, owns_llm: bool = False, **server: Any) -> BackgroundServer:
     """The real app for ``llm`` on a loopback port (``with background_server(llm) as url: ...``)."""
-    return BackgroundServer(create_app(llm, server_settings(llm, **server), owns_llm=owns_llm))
+    return BackgroundServer(app_for(llm, owns_llm, **server))

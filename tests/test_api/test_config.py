@@ -179,10 +179,10 @@ def test_model_type_accepted(name: str) -> None:
 
 
 def test_model_type_unknown_lists_supported_names() -> None:
-    from rtp_mm.model_types import MODEL_TYPES
+    from rtp_mm.model_types import model_types
 
     message = assert_rejected({"MODEL_TYPE": "gpt5"}, "MODEL_TYPE", "'gpt5'", "supported")
-    for name in MODEL_TYPES:
+    for name in model_types():
         assert name in message
 
 

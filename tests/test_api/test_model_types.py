@@ -14,10 +14,10 @@ import pytest
 
 from rtp_mm.errors import ConfigError
 from rtp_mm.model_types import (
-    MODEL_TYPES,
     check_model_type_matches,
     detect_model_type,
     families_compatible,
+    model_types,
     read_config_json,
     resolve_model_type,
 )
@@ -45,14 +45,14 @@ def test_config_md_lists_30_distinct_names() -> None:
 
 @pytest.mark.parametrize("name", SEED_NAMES)
 def test_every_seed_name_resolves_to_a_family(name: str) -> None:
-    assert name in MODEL_TYPES
+    assert name in model_types()
     info = resolve_model_type(name)
     assert info.name == name
-    assert re.fullmatch(r"[a-z][a-z0-9_]*", info.family), info.family  # a module name under rtp_mm.llm.models
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", info.family), info.family  # a family of rtp_mm.llm.models.FAMILIES
 
 
 def test_registry_entries_are_keyed_by_their_name() -> None:
-    for key, info in MODEL_TYPES.items():
+    for key, info in model_types().items():
         assert info.name == key
 
 
@@ -313,7 +313,7 @@ def test_check_rejects_unknown_model_type() -> None:
 
 
 def test_families_compatible_is_symmetric() -> None:
-    families = sorted({info.family for info in MODEL_TYPES.values()})
+    families = sorted({info.family for info in model_types().values()})
     for a in families:
         assert families_compatible(a, a)
         for b in families:

@@ -72,7 +72,7 @@ def test_render_table_ratios_are_rtp_over_hf():
 
 def build_workload_longest(quick: bool) -> int:
     from rtp_mm.default_model import default_model_path
-    from rtp_mm.tokenizer import load_tokenizer
+    from rtp_mm.tokenizers.loader import load_tokenizer
 
     return build_workload(load_tokenizer(str(default_model_path())), quick=quick, seed=0).longest_request
 

@@ -25,13 +25,13 @@ def test_cli_runs_the_vision_bench_and_writes_its_section(tmp_path, monkeypatch)
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n## rtp bench (text engine)\n\nkept\n")
     report = tmp_path / "vision.json"
-    monkeypatch.setitem(bench_vision.CASES, "llama", FAKE_CASE)
-    argv = ["bench", "--vision", "--families", "llama,nope", "--batches", "1,2", "--repeats", "1"]
+    monkeypatch.setitem(bench_vision.CASES, MODEL_TYPE, FAKE_CASE)
+    argv = ["bench", "--vision", "--families", f"{MODEL_TYPE},nope", "--batches", "1,2", "--repeats", "1"]
     with registered():
         rc = cli_main([*argv, "--output", str(out), "--json", str(report)])
     assert rc == 1  # the unregistered family is an error row, the others still ran
     results = json.loads(report.read_text())["results"]
-    rows = [r for r in results if r["family"] == "llama"]
+    rows = [r for r in results if r["family"] == MODEL_TYPE]
     assert [r["batch"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rows_per_image"] == ROWS and r["images_per_s"] > 0 and 0 < r["ttft_ms_mean"] <= r["ttft_ms_max"]
@@ -39,7 +39,7 @@ def test_cli_runs_the_vision_bench_and_writes_its_section(tmp_path, monkeypatch)
         assert r["eager_images_per_s"] > 0 and r["ort_images_per_s"] > 0
     assert results[-1] == {"family": "nope", "error": "no vision encoder registered"}
     text = out.read_text()
-    assert "kept" in text and bench_vision.SECTION_HEADING in text and "| llama | 2 | 6 |" in text
+    assert "kept" in text and bench_vision.SECTION_HEADING in text and f"| {MODEL_TYPE} | 2 | 6 |" in text
     ratio = rows[1]["ort_images_per_s"] / rows[1]["eager_images_per_s"]
     assert "| onnxruntime / eager |" in text and f"| {ratio:.2f}x |" in text  # the ONNX table, in the same section
 
@@ -75,6 +75,6 @@ def test_bench_checkpoints_load_as_their_model_type(tmp_path, family):
     )
     try:
         assert llm.model_type.family == family and llm.model_type.vision
-        assert all(0 <= t < llm.loaded.model.spec.vocab_size for t in case.prompt(config, 0) if t >= 0)
+        assert all(0 <= t < llm.client.model.spec.vocab_size for t in case.prompt(config, 0) if t >= 0)
     finally:
         llm.shutdown()

@@ -35,7 +35,7 @@ def test_chat_template_and_eos(default_llm):
 
 
 def test_weights_are_dequantized_like_hf(default_llm, default_hf_model):
-    ours = default_llm.loaded.model.layers[0].attn.qkv.packed.to_dense()  # fp32 weights live oneDNN-packed
+    ours = default_llm.client.model.layers[0].attn.qkv.packed.to_dense()  # fp32 weights live oneDNN-packed
     hf = default_hf_model.model.layers[0].self_attn
     expected = torch.cat([hf.q_proj.weight, hf.k_proj.weight, hf.v_proj.weight])
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
@@ -50,7 +50,7 @@ def test_half_weight_storage_stays_close_to_fp32(default_llm, default_hf_model):
         from rtp_mm.llm.models.transforms import resident_weight_bytes
 
         fp32_bytes = 4 * sum(p.numel() for p in default_hf_model.parameters())  # the plain fp32 weights
-        assert resident_weight_bytes(llm16.loaded.model) < 0.52 * fp32_bytes
+        assert resident_weight_bytes(llm16.client.model) < 0.52 * fp32_bytes
         cfg = GenerateConfig(max_new_tokens=32, top_k=1, logprobs=1, ignore_eos=True)
         prompts = [default_llm.chat_ids(chat) for chat in CHATS]
         ref = default_llm.generate(prompts, cfg)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import InvalidRequest, PromptTooLongError
-from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.models.prefix_lm import PrefixLM
+from rtp_mm.llm.models.prompt_layout import PromptLayout
+from rtp_mm_testing.engine_probe import prompt_logits
 from rtp_mm_testing.glm_oracle import (
     chatglm2_config,
     glm_to_chatglm2_state,
@@ -52,26 +53,6 @@ def _golden(case: str) -> tuple[list[dict], dict[str, torch.Tensor]]:
 def _tol(expected: torch.Tensor) -> float:
     """The golden README's tolerance: 1e-4 * max(1, max |expected|)."""
     return 1e-4 * max(1.0, float(expected.abs().max()))
-
-
-@torch.inference_mode()
-def prompt_logits(llm, ids: list[int]) -> torch.Tensor:
-    """[T, vocab] logits of every prompt position, computed by the engine's own runner (its positions, masks and
-    paged KV cache) on the engine thread."""
-
-    def run(engine):
-        req = engine.make_request(ids, GenerateConfig(max_new_tokens=1))
-        engine.block_manager.allocate(req, len(ids))
-        try:
-            seq = ScheduledSeq(req, 0, len(ids), tuple(req.block_table), True)
-            inputs = engine.runner.prepare(ScheduledBatch((), (seq,), (), len(ids)))
-            model = engine.runner.model
-            hidden = model(inputs.input_ids, inputs.positions, inputs.meta, engine.runner.caches, inputs.seq_lens)
-            return model.compute_logits(hidden)
-        finally:
-            engine.block_manager.free(req)
-
-    return llm._loop.call(run)
 
 
 def check_steps(out, expected_logits: torch.Tensor) -> None:
@@ -120,12 +101,14 @@ def test_chatglm_v1_positions_follow_the_original():
     """The README's rule: context token t -> (t, 0); <sop> and the k-th generated token -> (mask index, 1 + k)."""
     glm = PrefixLM(sop_id=9, mask_ids=(8, 7), gmask_id=8, two_d=True)  # [gMASK] 8 preferred over [MASK] 7
     prompt = [1, 2, 7, 3, 8, 9]  # [MASK] at 2, [gMASK] at 4, <sop> at 5
-    assert glm.positions(prompt, 0, 9) == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3), (4, 4)]
-    assert glm.positions(prompt, 7, 8) == [(4, 3)]  # a decode step alone
-    assert glm.bidirectional_len(prompt) == 5
+    layout = glm.prompt_layout(prompt)
+    assert layout.positions_of(0, 9, 6) == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3), (4, 4)]
+    assert layout.positions_of(7, 8, 6) == [(4, 3)]  # a decode step alone
+    assert layout.bidirectional_len == 5
     one_d = PrefixLM(sop_id=9, mask_ids=(7, 8), gmask_id=8, two_d=False)  # GLM-130B: [MASK] first, 1D
-    assert one_d.positions(prompt, 3, 8) == [3, 4, 2, 2, 2]  # from <sop> on: the [MASK] index
-    assert one_d.positions([1, 8, 9], 0, 5) == [0, 1, 2, 3, 4]  # [gMASK]: plain positions
+    assert one_d.prompt_layout(prompt).positions_of(3, 8, 6) == [3, 4, 2, 2, 2]  # from <sop> on: the [MASK] index
+    gmask = one_d.prompt_layout([1, 8, 9])
+    assert gmask.positions_of(0, 5, 3) == [0, 1, 2, 3, 4] and gmask.bidirectional_len == 2  # [gMASK]: plain
 
 
 def test_chatglm_v1_bad_prompts_are_refused():
@@ -388,17 +371,18 @@ def test_scheduler_never_chunks_a_prefix_lm_prompt():
     def run(bidirectional_len: int) -> list[list[tuple[int, int, int]]]:
         sched = Scheduler(BlockManager(32, 4), max_num_seqs=8, max_num_batched_tokens=16, watermark_blocks=0)
         plain = Request(1, list(range(10, 20)), GenerateConfig(), max_total_len=12)
-        glm = Request(2, list(range(30, 42)), GenerateConfig(), max_total_len=14, bidirectional_len=bidirectional_len)
+        layout = PromptLayout(bidirectional_len=bidirectional_len)
+        glm = Request(2, list(range(30, 42)), GenerateConfig(), max_total_len=14, layout=layout)
         for req in (plain, glm):
             sched.add(req)
         steps = []
         for _ in range(2):
             batch = sched.schedule()
-            sched.advance(batch)
-            steps.append([(s.request.request_id, s.start, s.num_new_tokens) for s in batch.seqs])
-            for s in batch.seqs:
-                if s.sample:
-                    s.request.output_ids.append(1)
+            sched.advance()
+            steps.append([(s.request_id, s.start, s.num_new_tokens) for s in batch.seqs])
+            for req in (plain, glm):
+                if any(s.sample and s.request_id == req.request_id for s in batch.seqs):
+                    req.output_ids.append(1)
         return steps
 
     assert run(0) == [[(1, 0, 10), (2, 0, 6)], [(1, 10, 1), (2, 6, 6)]]  # causal: chunked
@@ -414,7 +398,8 @@ def test_block_hashes_of_a_prefix_lm_prompt_cover_its_context():
     bm = BlockManager(16, 4, enable_prefix_caching=True)
 
     def hashes(request_id: int, prompt: list[int], bidirectional_len: int) -> list[bytes]:
-        req = Request(request_id, prompt, GenerateConfig(), max_total_len=32, bidirectional_len=bidirectional_len)
+        layout = PromptLayout(bidirectional_len=bidirectional_len)
+        req = Request(request_id, prompt, GenerateConfig(), max_total_len=32, layout=layout)
         return bm._full_block_hashes(req, len(prompt))
 
     a, b = [1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 99, 9]

@@ -27,11 +27,10 @@ from transformers import (
     Qwen2Config,
 )
 
-from rtp_mm import GenerateConfig
 from rtp_mm.errors import CheckpointError
-from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.models.vision_text import llava_build
 from rtp_mm.model_types import detect_model_type
+from rtp_mm_testing.engine_probe import prompt_positions
 from rtp_mm_testing.glm_oracle import chatglm2_config, glm_to_chatglm2_state
 from rtp_mm_testing.golden_legacy import check_golden, golden_case
 from rtp_mm_testing.oracle import (
@@ -147,11 +146,11 @@ def test_llava_text_parity(tmp_path, llava, layout, caplog):
     assert any("vision_tower" in n for n in names) and any("projector" in n for n in names)
     # The image token is left out of the prompts: HF would expect pixel values for it.
     prompts = random_prompts(TINY_LLAMA["vocab_size"] - 1, LENGTHS, seed=7)
-    with caplog.at_level(logging.INFO, logger="rtp_mm.llm.models.vision_text"):
+    with caplog.at_level(logging.DEBUG, logger="rtp_mm.llm.models.vision_text"):
         llm = tiny_llm(path, "llava", max_seq_len=128)
     with llm:
         skipped = [r.getMessage() for r in caplog.records if "vision tensors" in r.getMessage()]
-        assert len(skipped) == 1 and "llava: skipping" in skipped[0], skipped
+        assert len(skipped) == 1 and "llava: LM skips" in skipped[0], skipped
         check_parity(llm, llava, prompts[:1])
         check_parity(llm, llava, prompts)
 
@@ -180,7 +179,7 @@ def test_llava_next_qwen2_lm(tmp_path, layout):
     assert detect_model_type(json.loads((path / "config.json").read_text())) == "llava"
     assert any(name.endswith("image_newline") for name in load_file(str(path / "model.safetensors")))
     with tiny_llm(path, "llava") as llm:
-        assert llm.loaded.model.spec.qkv_bias and llm.max_seq_len == 8192
+        assert llm.client.model.spec.qkv_bias and llm.max_seq_len == 8192
         check_parity(llm, model, random_prompts(TINY_QWEN2["vocab_size"] - 1, LENGTHS, seed=8))
 
 
@@ -249,7 +248,7 @@ def test_golden_glm4v_text_only():
     ckpt, inputs, expected = _text_only("glm4v")
     with tiny_llm(ckpt, "chatglm4v", max_seq_len=256) as llm:
         (item,) = inputs
-        positions = _prompt_positions(llm, item["input_ids"])
+        positions = torch.tensor(prompt_positions(llm, item["input_ids"]))
         assert positions.tolist() == expected["position_ids_text_only"].tolist()
         check_golden(llm, inputs, expected)
 
@@ -287,12 +286,3 @@ def test_glm4v_rope_ratio_scales_the_base(tmp_path):
     assert detect_model_type(config) == "chatglm4v"
     with tiny_llm(tmp_path, "chatglm4v", max_seq_len=256) as llm:
         check_parity(llm, model, random_prompts(320, LENGTHS, seed=9))
-
-
-def _prompt_positions(llm, prompt: list[int]) -> torch.Tensor:
-    """The rotary positions the engine's runner gives a prompt at prefill (engine idle, KV blocks from 0)."""
-    runner = llm.engine.runner
-    req = llm.engine.make_request(prompt, GenerateConfig(max_new_tokens=1, top_k=1))
-    blocks = tuple(range(-(-len(prompt) // runner.block_size)))
-    seq = ScheduledSeq(req, start=0, num_new_tokens=len(prompt), block_table=blocks, sample=True)
-    return runner.prepare(ScheduledBatch((), (seq,), (), len(prompt))).positions

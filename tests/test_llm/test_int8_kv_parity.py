@@ -37,7 +37,7 @@ def test_int8_kv_greedy_matches_fp32_kv(tmp_path, build):
     with tiny_llm(path, model_type) as llm:
         ref = llm.generate(prompts, cfg)
     with tiny_llm(path, model_type, int8_kv_cache=True) as llm:  # INT8_KV_CACHE=1
-        assert all(isinstance(c, Int8KVCache) for c in llm.engine.runner.caches)
+        assert all(isinstance(c, Int8KVCache) for c in llm.client.call(lambda engine: engine.runner.caches))
         out = llm.generate(prompts, cfg)
     for prompt, r, o in zip(prompts, ref, out, strict=True):
         assert len(o.token_ids) == MAX_NEW_TOKENS
@@ -54,15 +54,15 @@ def test_int8_kv_greedy_matches_fp32_kv(tmp_path, build):
 def test_int8_kv_block_count(tmp_path):
     path, model_type, _ = _llama(tmp_path)
     with tiny_llm(path, model_type) as llm:
-        model, block_size = llm.loaded.model, llm.engine.runner.block_size
+        model, block_size = llm.client.model, llm.model_config.seq_size_per_block
         budget = 16 * 2**20  # KV_CACHE_MEM_MB=16
         fp32_blocks = budget // kv_block_bytes(model, block_size, torch.float32)
         int8_blocks = budget // kv_block_bytes(model, block_size, torch.float32, int8_kv=True)
         fp16_blocks = budget // kv_block_bytes(model, block_size, torch.float16)
-        assert fp32_blocks == llm.engine.runner.num_blocks
+        assert fp32_blocks == llm.stats()["num_blocks"]
         assert int8_blocks >= 1.8 * fp32_blocks
     with tiny_llm(path, model_type, int8_kv_cache=True) as llm:  # the engine really sizes the int8 layout
-        assert llm.engine.runner.num_blocks == int8_blocks
+        assert llm.stats()["num_blocks"] == int8_blocks
         # head_dim 16 is tiny: the 4-byte scale weighs (16 + 4) / 16; against fp16 the gain is 32 / 20
         assert int8_blocks >= 1.5 * fp16_blocks
         # the sizing formula is the bytes the runner really allocates

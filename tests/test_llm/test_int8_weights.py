@@ -53,11 +53,11 @@ def test_tiny_model_matches_fake_quantized_hf(
     tmp_path: Path, model_type: str, tied: bool, quantize_embedding: bool, monkeypatch
 ):
     """Greedy tokens and top-5 logprobs equal HF's on the same model with int8-rounded weights (qwen2: biases)."""
-    monkeypatch.setattr("rtp_mm.api.can_pack", lambda model: False)  # keep nn.Linear layers for the transform
+    monkeypatch.setattr("rtp_mm.api.builder.can_pack", lambda model: False)  # keep nn.Linear layers for the transform
     build = tiny_llama if model_type == "llama" else tiny_qwen2
     hf = build(tmp_path, tie_word_embeddings=tied)
     with tiny_llm(tmp_path, model_type) as llm:
-        model = quantize_int8_weights(llm.loaded.model, quantize_embedding=quantize_embedding)
+        model = quantize_int8_weights(llm.client.model, quantize_embedding=quantize_embedding)
         assert not [n for n, m in model.named_modules() if type(m) is nn.Linear]
         assert isinstance(model.layers[0].attn.qkv, Int8WeightLinear)
         assert isinstance(model.embed, Int8WeightEmbedding) == quantize_embedding
@@ -75,6 +75,6 @@ def test_default_model_int8_stays_close_to_fp32(default_llm, default_hf_model):
     ref = default_llm.generate(prompts, cfg)
     with _int8_llm(kv_cache_mem_mb=128) as llm8:
         fp32_bytes = 4 * sum(p.numel() for p in default_hf_model.parameters())  # the plain fp32 weights
-        assert resident_weight_bytes(llm8.loaded.model) <= 0.3 * fp32_bytes
+        assert resident_weight_bytes(llm8.client.model) <= 0.3 * fp32_bytes
         outs = llm8.generate(prompts, cfg)
     assert_close_to_reference(ref, outs, same_prefix=8, max_mean_diff=0.05)

@@ -63,7 +63,7 @@ def test_no_block_leaks_after_200_mixed_requests(tmp_path):
         for start in range(0, 200, 25):
             chunk = zip(prompts[start : start + 25], cfgs[start : start + 25], strict=True)
             reqs = [llm.make_request(p, c) for p, c in chunk]
-            outs = llm.run_requests(reqs)
+            outs = llm.client.run(reqs)
             assert all(o.finished for o in outs)
         stats = llm.stats()
         assert stats["free_blocks"] == stats["num_blocks"] and stats["num_running"] == 0

@@ -18,13 +18,14 @@ import torch
 from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.sampler import apply_penalties, sample
+from rtp_mm.llm.engine.scheduler import SamplingParams, scheduled_seq
 
 N_DRAWS = 20000
 # Not sorted, so that a top-k / top-p mask scattered back to the wrong positions shows up.
 LOGITS = [0.5, 2.0, -1.0, 1.2, 0.0, 1.6, -2.0, 0.9]
 
 
-def make_req(config: GenerateConfig, prompt_ids=(1,), output_ids=(), eos=(), seed: int = 0) -> Request:
+def make_request(config: GenerateConfig, prompt_ids=(1,), output_ids=(), eos=(), seed: int = 0) -> Request:
     # Seeded like LLMEngine.make_request: the request's own CPU generator.
     generator = torch.Generator(device="cpu")
     generator.manual_seed(config.random_seed if config.random_seed is not None else seed)
@@ -37,6 +38,15 @@ def make_req(config: GenerateConfig, prompt_ids=(1,), output_ids=(), eos=(), see
         output_ids=list(output_ids),
         generator=generator,
     )
+
+
+def params(req: Request) -> SamplingParams:
+    """The sampling parameters the scheduler hands the runner for a request's next token."""
+    return scheduled_seq(req, req.num_tokens - 1, 1).sampling
+
+
+def make_req(config: GenerateConfig, prompt_ids=(1,), output_ids=(), eos=(), seed: int = 0) -> SamplingParams:
+    return params(make_request(config, prompt_ids, output_ids, eos, seed))
 
 
 def softmax(values: list[float]) -> list[float]:
@@ -98,12 +108,12 @@ def test_greedy_equals_argmax():
 
 def _seeded_run(seed: int, batch_size: int) -> list[int]:
     config = GenerateConfig(random_seed=seed, top_k=0, top_p=0.9, temperature=0.8)
-    req = make_req(config)
+    req = make_request(config)
     others = [
-        make_req(GenerateConfig(random_seed=7)),
-        make_req(GenerateConfig(top_k=1)),
-        make_req(GenerateConfig(temperature=1.3, top_k=5), seed=99),
-        make_req(GenerateConfig(repetition_penalty=1.2), seed=5),
+        make_request(GenerateConfig(random_seed=7)),
+        make_request(GenerateConfig(top_k=1)),
+        make_request(GenerateConfig(temperature=1.3, top_k=5), seed=99),
+        make_request(GenerateConfig(repetition_penalty=1.2), seed=5),
     ]
     tokens = []
     for step in range(40):
@@ -113,7 +123,7 @@ def _seeded_run(seed: int, batch_size: int) -> list[int]:
         rows[position] = row
         batch = others[: batch_size - 1]
         batch = batch[:position] + [req] + batch[position:]
-        sampled, _ = sample(torch.stack(rows), batch)
+        sampled, _ = sample(torch.stack(rows), [params(r) for r in batch])
         tokens.append(sampled[position])
         req.output_ids.append(sampled[position])
         for other, token in zip(batch, sampled, strict=True):

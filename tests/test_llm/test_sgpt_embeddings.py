@@ -48,7 +48,7 @@ def test_golden_backbone_hidden_states(golden_llm):
     for name in ("query", "document", "plain_long"):
         ids = _golden_inputs()[name]["input_ids"]
         run = lambda engine, ids=ids: prefill_hidden(engine.runner.model, [ids], block_size)  # noqa: E731
-        (hidden,) = golden_llm._loop.call(run)
+        (hidden,) = golden_llm.client.call(run)
         want = expected[f"last_hidden_state_{name}"]
         assert (hidden - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())), name
 
@@ -186,7 +186,7 @@ def test_openai_embeddings_route(tmp_path):
 
     model, path, vocab = _tiny_sgpt(tmp_path)
     with LLM(ModelConfig(model_type="sgpt_bloom_vector", ckpt_path=str(path)), kv_cache_mem_mb=8) as llm:
-        app = create_app(llm, Settings(model=llm.model_config, engine=llm.engine_config))
+        app = create_app(llm.client, Settings(model=llm.model_config, engine=llm.engine_config))
         with BackgroundServer(app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
             texts = ["Hello World", "search engines rank documents"]

@@ -60,7 +60,7 @@ def _settings(llm: LLM, **server) -> Settings:
 
 @pytest.fixture
 async def client(aiohttp_client, llm, image_dir):
-    return await aiohttp_client(create_app(llm, _settings(llm, image_local_dir=str(image_dir))))
+    return await aiohttp_client(create_app(llm.client, _settings(llm, image_local_dir=str(image_dir))))
 
 
 def _form(body: dict, parts: dict[str, bytes], request_part: str = "request") -> aiohttp.FormData:
@@ -180,7 +180,7 @@ async def test_chat_image_url_parts(client):
 
 
 async def test_remote_urls_are_restricted(aiohttp_client, llm):
-    client = await aiohttp_client(create_app(llm, _settings(llm, image_url_hosts=("127.0.0.1", "localhost"))))
+    client = await aiohttp_client(create_app(llm.client, _settings(llm, image_url_hosts=("127.0.0.1", "localhost"))))
     # Allow-listed host names that resolve to loopback are still refused (server-side request forgery guard).
     server_url = str(client.make_url("/health"))
     resp = await client.post("/", json={"prompt": "Hi", "images": [server_url], **GREEDY})

@@ -83,12 +83,12 @@ def slow_llm(ckpt):
 
 @pytest.fixture
 async def client(aiohttp_client, llm):
-    return await aiohttp_client(create_app(llm, server_settings(llm)))
+    return await aiohttp_client(create_app(llm.client, server_settings(llm)))
 
 
 @pytest.fixture
 async def slow_client(aiohttp_client, slow_llm):
-    return await aiohttp_client(create_app(slow_llm, server_settings(slow_llm)))
+    return await aiohttp_client(create_app(slow_llm.client, server_settings(slow_llm)))
 
 
 async def _post(client, body: dict, status: int = 200) -> dict:
@@ -405,7 +405,7 @@ async def test_disconnect_mid_stream_frees_kv_blocks(slow_client, slow_llm):
 
 async def test_disconnect_of_non_stream_request_with_handler_cancellation(aiohttp_client, slow_llm):
     # run_server enables handler_cancellation, so a non-stream client going away cancels its request too.
-    app = create_app(slow_llm, server_settings(slow_llm))
+    app = create_app(slow_llm.client, server_settings(slow_llm))
     client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     steps_before = (await asyncio.to_thread(slow_llm.stats))["step_count"]
     task = asyncio.create_task(client.post("/", json={"prompt": "Hello", "max_new_tokens": LONG, **GREEDY}))
@@ -423,7 +423,7 @@ async def test_disconnect_of_non_stream_request_with_handler_cancellation(aiohtt
 # ---- lifecycle --------------------------------------------------------------------------------------------------
 async def test_owned_engine_is_shut_down_with_the_app(aiohttp_client, ckpt):
     llm = _llm(ckpt, MAX_SEQ_LEN)
-    client = await aiohttp_client(create_app(llm, server_settings(llm), owns_llm=True))
+    client = await aiohttp_client(create_app(llm.client, server_settings(llm), owns_engine=True))
     assert (await _post(client, {"prompt": "Hello", "max_new_tokens": 2, **GREEDY}))["finished"] is True
     await client.close()
     with pytest.raises(EngineDead):

@@ -14,8 +14,8 @@ import sentencepiece as spm
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import InvalidRequest
-from rtp_mm.tokenizer import load_tokenizer
 from rtp_mm.tokenizers.glm import ChatGLM2Tokenizer, ChatGLMTokenizer
+from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm_testing.shared import GOLDEN
 
 CORPUS = [
@@ -188,7 +188,7 @@ def test_llm_picks_the_chatglm3_adapter_and_role_stops(glm2, tmp_path):
     )
     with llm:
         assert isinstance(llm.tokenizer, ChatGLM2Tokenizer) and llm.tokenizer.roles
-        assert llm.engine.eos_token_ids == {2, n + 6, n + 8}
+        assert llm.client.info.eos_token_ids == {2, n + 6, n + 8}
         messages = [{"role": "user", "content": "hello"}]
         (chat,) = llm.chat(messages, GREEDY)
         (same,) = llm.generate([[n + 1, n + 3, n + 6, *sp.encode("\n"), *sp.encode("hello"), n + 7]], GREEDY)
@@ -197,7 +197,7 @@ def test_llm_picks_the_chatglm3_adapter_and_role_stops(glm2, tmp_path):
     with LLM(
         ModelConfig(model_type="chatglm2", ckpt_path=str(ckpt), weight_type="FP32", max_seq_len=128), kv_cache_mem_mb=8
     ) as llm2:
-        assert not llm2.tokenizer.roles and llm2.engine.eos_token_ids == {2}
+        assert not llm2.tokenizer.roles and llm2.client.info.eos_token_ids == {2}
         assert llm2.chat_ids([{"role": "user", "content": "x"}])[:2] == [n + 1, n + 3]
 
 

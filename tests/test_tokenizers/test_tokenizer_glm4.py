@@ -15,8 +15,8 @@ import regex
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import ConfigError, InvalidRequest
-from rtp_mm.tokenizer import load_tokenizer
 from rtp_mm.tokenizers.glm4 import SPECIAL_TOKENS, GLM4Tokenizer
+from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm_testing.shared import golden
 
 CORPUS = [

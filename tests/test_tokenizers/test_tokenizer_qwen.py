@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from rtp_mm.errors import ConfigError, InvalidRequest
-from rtp_mm.tokenizer import load_tokenizer
+from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm.tokenizers.qwen import QwenTokenizer
 from rtp_mm_testing.golden_legacy import golden_case
 from rtp_mm_testing.shared import GOLDEN, require

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from rtp_mm.errors import InvalidRequest
-from rtp_mm.tokenizer import load_tokenizer
+from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm.tokenizers.qwen import QwenTokenizer
 from rtp_mm.tokenizers.qwen_vl import QwenVLTokenizer
 from rtp_mm_testing.golden_legacy import golden_case

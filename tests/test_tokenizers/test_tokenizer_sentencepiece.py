@@ -16,7 +16,7 @@ import sentencepiece as spm
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import ConfigError, InvalidRequest
-from rtp_mm.tokenizer import load_tokenizer
+from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm.tokenizers.sentencepiece import SentencePieceTokenizer
 from rtp_mm_testing.golden_legacy import golden_case
 

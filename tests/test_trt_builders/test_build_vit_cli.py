@@ -11,11 +11,17 @@ import shutil
 import onnx
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rtp_mm import LLM, ModelConfig
 from rtp_mm.cli import main as cli_main
+from rtp_mm.model_types import read_config_json
+from rtp_mm.vision.base import load_vision_model
 from rtp_mm_testing.fake_tensorrt import MANIFEST_FIELDS
+from rtp_mm_testing.llava import SIZES, image
+from rtp_mm_testing.onnx_check import assert_onnx_matches_eager
+from rtp_mm_testing.shared import GOLDEN
 
 CASES = ["llava-1.5", "llava-next", "qwen_vl", "chatglm4v"]
 
@@ -27,6 +33,14 @@ def build_vit(capsys, family: str, path, cache, *extra: str) -> tuple[int, dict 
     return code, (json.loads(out) if code == 0 else None), err
 
 
+def _images(case: str) -> list[Image.Image]:
+    """Real pictures: several sizes for llava (llava-next: different tile counts), the golden inputs otherwise."""
+    if case.startswith("llava"):
+        return [image(size, seed) for seed, size in enumerate(SIZES)]
+    folder = GOLDEN / ("qwen_vl" if case == "qwen_vl" else "glm4v")
+    return [Image.open(folder / f"img{i}.png") for i in range(3)]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_onnx_only_build_matches_eager_and_is_cached(checkpoints, case, tmp_path, capsys):
     family, path = checkpoints[case]
@@ -36,13 +50,21 @@ def test_onnx_only_build_matches_eager_and_is_cached(checkpoints, case, tmp_path
     key = manifest["key"]
     assert (key["model_type"], key["backend"], key["precision"]) == (family, "onnxruntime", "fp32")
     assert len(key["weights_sha256"]) == 64 and key["export_options"]["check_batches"] == [1, 3, 8]
-    checks = manifest["export"]["checks"]
-    assert [c["batch"] for c in checks] == [1, 3, 8]
-    assert all(c["max_abs_err"] <= 1e-4 and c["cosine"] > 0.99999 for c in checks), checks
-    assert manifest["measured"]["max_abs_err"] <= 1e-4 and manifest["build_seconds"] > 0
     entry = tmp_path / "cache" / manifest["entry"].rsplit("/", 1)[-1]
-    onnx.checker.check_model(str(entry / "onnx" / "vision.onnx"))
+    onnx_path = entry / "onnx" / "vision.onnx"
+    onnx.checker.check_model(str(onnx_path))
     assert json.loads((entry / "manifest.json").read_text())["key"] == key
+    # The oracle, computed here independently of the build code: the cached file run by onnxruntime directly against
+    # the eager visual module (the reference, itself checked against transformers / golden outputs in
+    # tests/test_vision) on real preprocessed images at batch 1, 3 and 8.
+    tolerance = 1e-4
+    vision = load_vision_model(family, str(path), read_config_json(path), "", "cpu", torch.float32)
+    errors = assert_onnx_matches_eager(vision, onnx_path, _images(case), tolerance)
+    # Secondary: the manifest states what the build measured (its own check, on random pixels).
+    checks = manifest["export"]["checks"]
+    assert [c["batch"] for c in checks] == list(errors) == [1, 3, 8]
+    assert all(c["max_abs_err"] <= tolerance and c["cosine"] > 0.99999 for c in checks), checks
+    assert manifest["measured"]["max_abs_err"] <= tolerance and manifest["build_seconds"] > 0
 
     code, again, err = build_vit(capsys, family, path, tmp_path / "cache", "--onnx-only")
     assert code == 0 and again["entry"] == manifest["entry"] and "using the cached entry" in err
@@ -84,8 +106,9 @@ def test_vit_backend_onnxruntime_serves_from_the_cache(checkpoints, tmp_path):
         kv_cache_mem_mb=16,
         skip_tokenizer_init=True,
     ) as llm:
-        shape = llm.vision.model.pixel_shape()
+        shape = llm.vision.pixel_shape()
         pixels = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
-        got, want = llm.vision.encode_fn(pixels), llm.vision.model.encode(pixels)
+        encoder = llm.client.call(lambda engine: engine.encode_stage.encoder)  # what the engine's stage runs
+        got, want = encoder.encode(pixels), llm.vision.encode(pixels)
         assert all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1

@@ -27,7 +27,6 @@ from rtp_mm.trt_builders.build import VitBuildConfig, backend_encode_fn, ensure_
 from rtp_mm.trt_builders.cache import EngineCache, EngineKey, weights_sha256
 from rtp_mm.trt_builders.tensorrt_engine import EngineBuildError, TensorRTUnavailable
 from rtp_mm.vision.base import load_vision_model
-from rtp_mm.vision.runner import VisionRunner
 from rtp_mm_testing import fake_tensorrt
 from rtp_mm_testing.fake_tensorrt import MANIFEST_FIELDS
 from rtp_mm_testing.shared import GOLDEN, require
@@ -189,14 +188,9 @@ def test_engine_is_built_once_then_loaded_and_matches_eager(fake_trt, vision, tm
     again, _ = ensure_entry(vision, trt_config(tmp_path), log=lines.append)
     assert again == folder and len(fake_trt.BUILDS) == 1 and "using the cached entry" in lines[0]
 
-    # Through the VisionRunner, 5 images split over the profile's max batch of 4: rows equal eager's.
+    # The engine's encode, 5 images split over the profile's max batch of 4: rows equal eager's.
     images = [torch.randn(vision.pixel_shape(), generator=torch.Generator().manual_seed(i)) for i in range(5)]
-    encode_fn = backend_encode_fn(vision, trt_config(tmp_path))
-    runner = VisionRunner(vision, encode_fn=encode_fn, gather_s=0)
-    try:
-        got = runner.encode_fn(images)
-    finally:
-        runner.close()
+    got = backend_encode_fn(vision, trt_config(tmp_path))(images)
     want = vision.encode(images)
     assert len(got) == 5 and all(torch.allclose(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
     assert len(fake_trt.BUILDS) == 1
@@ -220,7 +214,7 @@ def test_an_engine_disagreeing_with_eager_is_refused(fake_trt, vision, tmp_path,
 
 
 def test_vit_trt_start_up_serves_through_the_engine(fake_trt, tmp_path, monkeypatch):
-    """LLM(vit_trt=True) builds through the cache and its VisionRunner runs the engine (fp32 graph on the fake)."""
+    """LLM(vit_trt=True) builds through the cache and the engine's encode stage runs it (fp32 graph on the fake)."""
     require(QWEN_VL)
     monkeypatch.setattr(build_mod, "precision_name", lambda dtype: "fp32")
     llm = LLM(
@@ -232,9 +226,10 @@ def test_vit_trt_start_up_serves_through_the_engine(fake_trt, tmp_path, monkeypa
         skip_tokenizer_init=True,
     )
     try:
-        assert len(fake_trt.BUILDS) == 1 and llm.vision.max_batch == 4
-        pixels = [torch.zeros(llm.vision.model.pixel_shape())]
-        assert torch.allclose(llm.vision.encode_fn(pixels)[0], llm.vision.model.encode(pixels)[0], atol=1e-4)
+        encoder = llm.client.call(lambda engine: engine.encode_stage.encoder)
+        assert len(fake_trt.BUILDS) == 1 and encoder.max_batch == 4
+        pixels = [torch.zeros(llm.vision.pixel_shape())]
+        assert torch.allclose(encoder.encode(pixels)[0], llm.vision.encode(pixels)[0], atol=1e-4)
     finally:
         llm.shutdown()
 

@@ -62,8 +62,8 @@ def test_vit_trt_start_up_on_the_gpu(tmp_path):
         skip_tokenizer_init=True,
     )
     try:
-        pixels = [torch.randn(llm.vision.model.pixel_shape(), generator=torch.Generator().manual_seed(0))]
-        got, want = llm.vision.encode_fn(pixels)[0], llm.vision.model.encode(pixels)[0]
+        pixels = [torch.randn(llm.vision.pixel_shape(), generator=torch.Generator().manual_seed(0))]
+        got, want = llm.vision.encode_fn(pixels)[0], llm.vision.encode(pixels)[0]
         assert torch.nn.functional.cosine_similarity(got.float().flatten(), want.float().flatten(), dim=0) > 0.999
     finally:
         llm.shutdown()

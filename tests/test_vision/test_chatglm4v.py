@@ -5,13 +5,15 @@ positions under chunked prefill, preemption and prefix caching, the EXTRA_DATA_P
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import CheckpointError, InvalidRequest, PromptTooLongError
-from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from rtp_mm.llm.engine.multimodal import PreparedPrompt
+from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.models.prompt_layout import PromptLayout
+from rtp_mm_testing.engine_probe import prefill
 from rtp_mm_testing.golden_legacy import assert_greedy_golden, assert_logits_close, golden_case
 from rtp_mm_testing.shared import GOLDEN
 
@@ -47,30 +49,6 @@ def images_of(item: dict) -> list[str]:
     return [str(CASE / name) for name in item["images"]]
 
 
-@torch.inference_mode()
-def full_logits(llm: LLM, item: dict) -> tuple[torch.Tensor, list[int]]:
-    """Logits of every row of the expanded prompt from one prefill through the runner's own execute (image rows
-    spliced, explicit positions), and the positions it used. Call only while the engine is idle."""
-    req = llm.make_request(item["input_ids"], GenerateConfig(max_new_tokens=1), images=images_of(item) or None)
-
-    def run(engine):
-        n = req.num_prompt_tokens
-        engine.block_manager.allocate(req, n)
-        captured = []
-        hook = engine.runner.model.register_forward_hook(lambda _m, _a, out: captured.append(out))
-        try:
-            seq = ScheduledSeq(req, 0, n, tuple(req.block_table), True)
-            batch = ScheduledBatch((), (seq,), (), n)
-            positions = engine.runner.prepare(batch).positions.tolist()
-            engine.runner.execute(batch)
-            return engine.runner.model.compute_logits(captured[0]), positions
-        finally:
-            hook.remove()
-            engine.block_manager.free(req)
-
-    return llm._loop.call(run)
-
-
 def generate(llm: LLM, items: list[dict], config: GenerateConfig = GREEDY):
     return llm.generate([it["input_ids"] for it in items], config, images=[images_of(it) for it in items])
 
@@ -80,7 +58,7 @@ def generate(llm: LLM, items: list[dict], config: GenerateConfig = GREEDY):
 
 def test_golden_pixels_embeddings_positions(llm, golden):
     inputs, expected = golden
-    vision = llm.vision.model
+    vision = llm.vision
     for item in inputs:
         for k, image in enumerate(images_of(item)):
             pixels = vision.preprocess(Image.open(image))
@@ -93,7 +71,7 @@ def test_golden_pixels_embeddings_positions(llm, golden):
 def test_golden_full_prompt_logits(llm, golden):
     inputs, expected = golden
     for item in inputs:
-        logits, positions = full_logits(llm, item)
+        logits, positions, _ = prefill(llm, item["input_ids"], images_of(item))
         assert positions == expected[f"position_ids_{item['name']}"].tolist(), item["name"]
         assert_logits_close(logits, expected[f"logits_{item['name']}"], item["name"])
 
@@ -146,9 +124,9 @@ def test_block_hashes_follow_positions(llm):
     from rtp_mm.llm.engine.block_manager import BlockManager
 
     ids = list(range(10, 30))
-    make = llm.engine.make_request
-    plain = make(ids, GenerateConfig(max_new_tokens=1))
-    shifted = make(ids, GenerateConfig(max_new_tokens=1), positions=list(range(8)) + [7] * 4 + list(range(8, 16)))
+    plain = Request(1, ids, GenerateConfig(max_new_tokens=1), max_total_len=21)
+    positions = tuple(range(8)) + (7,) * 4 + tuple(range(8, 16))
+    shifted = Request(2, ids, GenerateConfig(max_new_tokens=1), max_total_len=21, layout=PromptLayout(positions))
     bm = BlockManager(16, 4, enable_prefix_caching=True)
     a, b = bm._full_block_hashes(plain, 20), bm._full_block_hashes(shifted, 20)
     assert a[:2] == b[:2] and all(x != y for x, y in zip(a[2:], b[2:], strict=True))
@@ -182,34 +160,36 @@ def test_bad_prompts_are_clear_errors(llm, golden):
     image = str(CASE / "img0.png")
     prompt = next(it for it in inputs if it["name"] == "image")["input_ids"]
     with pytest.raises(InvalidRequest, match="does not match the number of images"):
-        llm.make_request(prompt, GREEDY, images=[image, image])
+        llm.generate([prompt], GREEDY, images=[[image, image]])
     with pytest.raises(InvalidRequest, match="does not match the number of images"):
-        llm.make_request([490, 492, 495, 332, 5, 496], GREEDY, images=[image])
+        llm.generate([[490, 492, 495, 332, 5, 496]], GREEDY, images=[[image]])
     with pytest.raises(InvalidRequest, match="not closed"):
-        llm.make_request([490, 492, BOI, EOT, 7, EOI, 496], GREEDY, images=[image])
+        llm.generate([[490, 492, BOI, EOT, 7, EOI, 496]], GREEDY, images=[[image]])
     with pytest.raises(InvalidRequest, match="end_of_image"):
-        llm.make_request([490, 492, BOI, EOT, EOI, EOI, 496], GREEDY, images=[image])
+        llm.generate([[490, 492, BOI, EOT, EOI, EOI, 496]], GREEDY, images=[[image]])
+    submitted = llm.make_request([1, 2], GREEDY)
     with pytest.raises(InvalidRequest, match="positions has 3 entries"):
-        llm.engine.make_request([1, 2], GREEDY, positions=[0, 1, 2])
+        llm.client.call(lambda engine: engine.make_request(submitted, PreparedPrompt([1, 2], positions=[0, 1, 2])))
     with glm4v_llm(max_seq_len=20) as short:
         with pytest.raises(PromptTooLongError):
-            short.make_request(prompt + [5, 6], GREEDY, images=[image])  # 18 ids, 21 after expansion
+            short.generate([prompt + [5, 6]], GREEDY, images=[[image]])  # 18 ids, 21 after expansion
 
 
 def test_two_images_each_keep_their_span(llm, golden):
     """Two spans in one prompt: each image's rows share the position after its boi; later text keeps its index."""
     _, expected = golden
     prompt = [490, 492, 495, 332, BOI, EOT, EOI, 10, BOI, EOT, EOI, 11, 496]
-    prepared = llm.vision.prepare(prompt, [str(CASE / "img0.png"), str(CASE / "img2.png")])
-    assert prepared.positions == [0, 1, 2, 3, 4, 5, 5, 5, 5, 6, 7, 8, 9, 9, 9, 9, 10, 11, 12]
-    assert [mm.offset for mm in prepared.mm_inputs] == [4, 11]
-    assert_logits_close(prepared.mm_inputs[1].embeds, expected["vision_embeds_image_gray_long_0"], "second image")
+    _, _, req = prefill(llm, prompt, [str(CASE / "img0.png"), str(CASE / "img2.png")])
+    assert list(req.layout.positions) == [0, 1, 2, 3, 4, 5, 5, 5, 5, 6, 7, 8, 9, 9, 9, 9, 10, 11, 12]
+    assert [mm.offset for mm in req.mm_inputs] == [4, 11]
+    assert_logits_close(req.mm_inputs[1].embeds, expected["vision_embeds_image_gray_long_0"], "second image")
 
 
 def test_generated_tokens_continue_from_the_last_prompt_position(llm):
     """Prompt tokens take the explicit positions; generated ones count on from the last of them (the un-expanded
     length for an image prompt), whatever range a chunk or a recompute asks for."""
-    req = llm.engine.make_request([5] * 6, GenerateConfig(max_new_tokens=4), positions=[0, 1, 2, 2, 2, 3])
+    layout = PromptLayout(positions=(0, 1, 2, 2, 2, 3))
+    req = Request(1, [5] * 6, GenerateConfig(max_new_tokens=4), max_total_len=10, layout=layout)
     req.output_ids += [7, 8, 9]
     assert req.positions_of(0, 9) == [0, 1, 2, 2, 2, 3, 4, 5, 6]
     assert req.positions_of(4, 8) == [2, 3, 4, 5]

@@ -44,7 +44,7 @@ CASES = [  # (text chunks around the images, image sizes, seeds)
 
 def check_llava(model, proc, path: Path, extra: str, placeholder: int) -> None:
     with tiny_llm(path, "llava", max_seq_len=256, extra_data_path=extra) as llm:
-        vision = llm.vision.model
+        vision = llm.vision
         cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True)
         for chunks, sizes, seeds in CASES:
             images = [image(s, seed) for s, seed in zip(sizes, seeds, strict=True)]
@@ -214,7 +214,7 @@ def test_batched_requests_share_the_encoder_cache(tmp_path):
     cfg = GenerateConfig(max_new_tokens=NEW_TOKENS, top_k=1, ignore_eos=True)
     with tiny_llm(path, "llava", max_seq_len=256, extra_data_path=extra) as llm:
         together = llm.generate(prompts, cfg, images=images)
-        stats = llm.vision.stats()
+        stats = llm.stats()
         assert stats["vision_images_encoded"] == 3 and stats["vision_cache_hits"] == 2, stats
         for prompt, imgs, out in zip(prompts, images, together, strict=True):
             (alone,) = llm.generate([prompt], cfg, images=[imgs])

@@ -86,9 +86,9 @@ def test_expanded_prompt_over_max_seq_len_is_a_per_request_error(ckpt):
     try:
         ids = [1] + [5] * 14 + [image_id] * 3  # 18 tokens as text; 15 + 3 * 6 = 33 once expanded
         with pytest.raises(PromptTooLongError, match="prompt length 33 >= max_seq_len 32"):
-            llm.make_request(ids, CFG, images=[picture(1), picture(2), picture(3)])
+            llm.generate([ids], CFG, images=[[picture(1), picture(2), picture(3)]])
         with pytest.raises(InvalidRequest, match=r"tags \(1\) and multimodal input \(2\) not matched"):
-            llm.make_request([1, 5, image_id], CFG, images=[picture(1), picture(2)])
+            llm.generate([[1, 5, image_id]], CFG, images=[[picture(1), picture(2)]])
         ok = llm.generate([[1, 5, image_id, 9]], GenerateConfig(max_new_tokens=2, top_k=1), images=[[picture(1)]])
         assert ok[0].aux_info["input_len"] == 3 + ROWS
     finally:

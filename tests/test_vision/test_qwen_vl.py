@@ -17,10 +17,9 @@ from safetensors.torch import save_file
 
 from rtp_mm import GenerateConfig
 from rtp_mm.errors import CheckpointError, InvalidRequest, PromptTooLongError
-from rtp_mm.llm.engine.request import Request
-from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.loader import open_checkpoint
 from rtp_mm.vision.qwen_vl import QwenVLVision, load_qwen_vl, sincos_2d
+from rtp_mm_testing.engine_probe import prefill, prompt_logits
 from rtp_mm_testing.golden_legacy import assert_greedy_golden, assert_logits_close, golden_case
 from rtp_mm_testing.oracle import tiny_llm
 from rtp_mm_testing.shared import GOLDEN
@@ -52,7 +51,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 
 def test_pixels_and_vision_embeddings(llm, case):
     _, inputs, expected = case
-    model = llm.vision.model
+    model = llm.vision
     assert isinstance(model, QwenVLVision)
     for item in inputs:
         pixels = [model.preprocess(Image.open(path)) for path in _images(item)]
@@ -103,37 +102,13 @@ def test_resampler_position_table_is_the_2d_sincos_table():
     torch.testing.assert_close(sincos_2d(stored.shape[1], math.isqrt(stored.shape[0])), stored, atol=2e-6, rtol=0)
 
 
-@torch.inference_mode()
-def request_logits(llm, req: Request) -> torch.Tensor:
-    """Logits of every prompt row of one prefill through the engine's runner, image rows spliced as the runner's
-    ``execute`` does. Uses KV blocks from 0 up: only while the engine is idle and prefix reuse is off."""
-    runner = llm.engine.runner
-    n = len(req.prompt_ids)
-    blocks = tuple(range(-(-n // runner.block_size)))
-    seq = ScheduledSeq(req, start=0, num_new_tokens=n, block_table=blocks, sample=True)
-    inputs = runner.prepare(ScheduledBatch(decodes=(), prefills=(seq,), preempted=(), num_tokens=n))
-    embeds = runner.model.embed_tokens(inputs.input_ids)
-    for row, rows in inputs.mm_rows:
-        embeds[row : row + rows.shape[0]] = rows
-    hidden = runner.model(
-        inputs.input_ids,
-        inputs.positions,
-        inputs.meta,
-        runner.caches,
-        seq_lens=inputs.seq_lens,
-        inputs_embeds=embeds,
-        prompt_lens=inputs.prompt_lens,
-    )
-    return runner.model.compute_logits(hidden)
-
-
 def test_golden_logits(llm, case):
     _, inputs, expected = case
     for item in inputs:
-        req = llm.make_request(item["input_ids"], GenerateConfig(max_new_tokens=1, top_k=1), images=_images(item))
+        logits, _, req = prefill(llm, item["input_ids"], _images(item))
         assert req.prompt_ids == item["input_ids"]  # the tokenizer's 256-id spans keep the prompt as it is
         assert [mm.offset for mm in req.mm_inputs] == [i + 1 for i, t in enumerate(item["input_ids"]) if t == START]
-        assert_logits_close(request_logits(llm, req), expected[f"logits_{item['name']}"], item["name"])
+        assert_logits_close(logits, expected[f"logits_{item['name']}"], item["name"])
 
 
 def test_golden_greedy_alone_and_batched(llm, case):
@@ -144,9 +119,9 @@ def test_golden_greedy_alone_and_batched(llm, case):
     prompts = [item["input_ids"] for item in inputs]
     images = [_images(item) for item in inputs]
     alone = [llm.generate([p], cfg, images=[imgs])[0] for p, imgs in zip(prompts, images, strict=True)]
-    hits = llm.vision.cache_hits
+    hits = llm.stats()["vision_cache_hits"]
     together = llm.generate(prompts, cfg, images=images)
-    assert llm.vision.cache_hits - hits == sum(len(i) for i in images)
+    assert llm.stats()["vision_cache_hits"] - hits == sum(len(i) for i in images)
     for outs in (alone, together):
         assert_greedy_golden(outs, inputs, expected)
 
@@ -155,9 +130,7 @@ def test_image_order_matters(llm, case):
     """Swapping the two images changes the answer's logits: each span takes its own image, in order."""
     _, inputs, expected = case
     item = next(i for i in inputs if i["name"] == "two_images")
-    cfg = GenerateConfig(max_new_tokens=1, top_k=1)
-    req = llm.make_request(item["input_ids"], cfg, images=_images(item)[::-1])
-    got = request_logits(llm, req)
+    got = prompt_logits(llm, item["input_ids"], _images(item)[::-1])
     assert float((got - expected["logits_two_images"]).abs().max()) > 1e-2
 
 
@@ -189,7 +162,7 @@ def _span(content: list[int]) -> list[int]:
 
 
 def test_expand_rules(llm):
-    model = llm.vision.model
+    model = llm.vision
     rows = [torch.full((256, 128), float(k)) for k in range(2)]
     full = [105, 109, 103] + [PAD] * 253
     prompt = [1, 2, *_span(full), 3, *_span([7, 8]), 4]
@@ -223,8 +196,8 @@ def test_request_errors_through_the_api(llm, case):
 
 
 def test_image_placeholder_is_qwen_vl_chat_text(llm):
-    assert llm.vision.model.image_placeholder(0) == "Picture 1: <img>image_1</img>\n"
-    assert llm.vision.model.image_placeholder(1).startswith("Picture 2: <img>")
+    assert llm.vision.image_placeholder(0) == "Picture 1: <img>image_1</img>\n"
+    assert llm.vision.image_placeholder(1).startswith("Picture 2: <img>")
 
 
 # ---- weights: EXTRA_DATA_PATH and bad files -------------------------------------------------------------------

@@ -110,8 +110,8 @@ def test_all_routes_give_the_same_greedy_text(llm, url):
     assert offline  # a non-empty greedy text, identical everywhere
     assert native["response"] == uploaded.text == offline
     assert reply.choices[0].message.content == uploaded_chat.text == offline
-    threads = llm.vision.model.preprocess_threads  # the server never preprocesses on its event loop
-    assert threads and all(name.startswith("rtp-mm-vision") for name in threads)
+    threads = set(llm.vision.preprocess_threads)  # the server preprocesses in its image pool, not on its event loop
+    assert any(name.startswith("rtp-mm-image") for name in threads) and "rtp-mm-server" not in threads
     assert reply.usage.prompt_tokens == len(llm.chat_ids([{"role": "user", "content": IMAGE_TOKEN + TEXT}])) - 1 + ROWS
 
 

@@ -97,9 +97,10 @@ class BlockManager:
     def _root_hash(req: Request) -> bytes:
         """Parent of a request's first block. A prefix-LM prompt's K/V depend on its whole bidirectional part, so its
         blocks are only shared between requests whose bidirectional parts are identical."""
-        if not req.bidirectional_len:
+        bidirectional_len = req.layout.bidirectional_len
+        if not bidirectional_len:
             return b""
-        return hash_block(b"prefix-lm", req.all_token_ids[: req.bidirectional_len])
+        return hash_block(b"prefix-lm", req.prompt_ids[:bidirectional_len])
 
     def lookup_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest full-block prefix of ``req``, leaving at least one token to compute."""
@@ -180,9 +181,10 @@ class BlockManager:
 
 
 def _position_key(req: Request, start: int, end: int) -> tuple[str, ...]:
-    """Explicit rotary positions of a block (chatglm4v images) where they differ from the plain indices: K/V depend
-    on positions, so blocks are only shared between requests whose tokens sit at the same positions."""
-    if req.positions is None:
+    """Explicit rotary positions of a block (chatglm4v images, GLM prefix-LM) where they differ from the plain
+    indices: K/V depend on positions, so blocks are only shared between requests whose tokens sit at the same
+    positions."""
+    if req.layout.positions is None:
         return ()
     positions = req.positions_of(start, end)
     if positions == list(range(start, end)):

@@ -1,43 +1,59 @@
-"""LLMEngine: one synchronous step function, ``schedule -> run -> sample -> postprocess``.
+"""LLMEngine: admission, then one synchronous step function, ``encode -> schedule -> run -> postprocess``.
 
-Not thread-safe by itself: ``EngineLoop`` drives it from one thread. Postprocessing appends the sampled tokens,
-detokenizes incrementally, applies stop conditions (EOS, stop token sequences, stop strings, length, timeout) and
-produces one ``RequestOutput`` per request that advanced.
+Not thread-safe by itself: ``EngineLoop`` drives it from one thread, which therefore owns every piece of engine
+state. Admission (``add``) turns a submitted ``EngineRequest`` into token ids (the prompt processor, for text and
+chats), sends a request with images through the ``EncodeStage``, validates the result and queues a ``Request``; the
+first output of every request says whether it was accepted. Each ``step`` encodes one image batch, schedules one
+frozen batch, has the runner compute and sample it, then appends the tokens, detokenizes incrementally and applies
+stop conditions (EOS, stop token sequences, stop strings, length, timeout).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from rtp_mm.errors import (
-    EmptyPromptError,
-    InvalidRequest,
-    PromptTooLongError,
-    RequestTimeout,
-    RtpMmError,
-)
+from rtp_mm.errors import EmptyPromptError, InvalidRequest, PromptTooLongError, RequestTimeout, RtpMmError
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.detokenizer import IncrementalDetokenizer
-from rtp_mm.llm.engine.generate_config import GenerateConfig
-from rtp_mm.llm.engine.model_runner import ModelRunner
-from rtp_mm.llm.engine.request import MultimodalInput, Request
-from rtp_mm.llm.engine.sampler import sample
-from rtp_mm.llm.engine.scheduler import Scheduler
+from rtp_mm.llm.engine.multimodal import EncodeStage, PreparedPrompt
+from rtp_mm.llm.engine.request import EngineRequest, Request
+from rtp_mm.llm.engine.scheduler import ScheduledBatch, Scheduler
 from rtp_mm.llm.engine.stop_words import StopStringMatcher, match_stop_token_ids
+from rtp_mm.llm.models.prefix_lm import PrefixLM
+from rtp_mm.llm.models.prompt_layout import PromptLayout
 
 logger = logging.getLogger(__name__)
+
+# The engine's prompt processor: what a caller submitted (text, a chat, ...) -> prompt token ids (rtp_mm.api).
+PromptProcessor = Callable[[Any, int], list[int]]  # (prompt, number of images) -> token ids
+
+
+class Runner(Protocol):
+    """What the engine needs of a model runner (ModelRunner; tests substitute their own)."""
+
+    def execute(self, batch: ScheduledBatch) -> list[Any]: ...  # SampledToken per sampled sequence
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Facts about the served model that admission checks requests against."""
+
+    vocab_size: int
+    max_seq_len: int
+    prefix_lm: PrefixLM | None = None  # GLM v1/130B: the prompt layout rule (prefix_lm.py)
 
 
 @dataclass
 class RequestOutput:
-    """What a request has produced so far (cumulative text and ids, plus this step's delta)."""
+    """What a request has produced so far (cumulative text and ids, plus this step's delta). The first output of
+    every request is its admission: ``accepted`` (no tokens yet) or an ``error``."""
 
     request_id: int
     text: str
@@ -49,6 +65,7 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None
     aux_info: dict[str, Any]
     error: RtpMmError | None = None
+    accepted: bool = False  # the admission output: validated and queued for the scheduler
 
 
 @dataclass
@@ -63,137 +80,198 @@ class _TextState:
 class LLMEngine:
     def __init__(
         self,
-        runner: ModelRunner,
+        runner: Runner,
         scheduler: Scheduler,
-        max_seq_len: int,
+        limits: ModelLimits,
         tokenizer: Any | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
+        prompt_processor: PromptProcessor | None = None,
+        encode_stage: EncodeStage | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
         self.block_manager: BlockManager = scheduler.block_manager
-        self.max_seq_len = max_seq_len
+        self.limits = limits
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        self.prompt_processor = prompt_processor
+        self.encode_stage = encode_stage
         self.requests: dict[int, Request] = {}
+        self._encoding: dict[int, EngineRequest] = {}  # waiting in the encode stage
         self._text: dict[int, _TextState] = {}
-        self._ids = itertools.count(1)
         self.step_count = 0
         self.last_step_ms = 0.0
 
     # ---- admission --------------------------------------------------------------------------------------------
-    def make_request(
-        self,
-        prompt_ids: list[int],
-        config: GenerateConfig,
-        mm_inputs: list[MultimodalInput] | None = None,
-        request_id: int | None = None,
-        positions: list[int] | None = None,
-    ) -> Request:
-        """Validate and build a Request (does not enqueue it). Raises InvalidRequest subclasses. ``positions``:
-        explicit rotary positions of the prompt tokens (vision/base.py PreparedPrompt)."""
-        if not prompt_ids:
-            raise EmptyPromptError("prompt is empty: at least one token is needed")
-        config.validate()
-        prompt_len = len(prompt_ids)
-        if prompt_len >= self.max_seq_len:
-            raise PromptTooLongError(
-                f"prompt length {prompt_len} >= max_seq_len {self.max_seq_len}: no room to generate a token"
-            )
-        vocab = self.runner.model.spec.vocab_size
-        mm_positions = {p for mm in mm_inputs or () for p in range(mm.offset, mm.offset + mm.embeds.shape[0])}
-        bad = [t for i, t in enumerate(prompt_ids) if not (0 <= t < vocab) and i not in mm_positions]
-        if bad:
-            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        needed = self.block_manager.blocks_needed(prompt_len + 1)
-        if needed > self.block_manager.num_blocks:
-            raise PromptTooLongError(
-                f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
-                f"{self.block_manager.num_blocks}"
-            )
-        if positions is not None:
-            _check_positions(positions, prompt_len)
-        bidirectional_len = 0
-        prefix_lm = self.runner.model.spec.prefix_lm
-        if prefix_lm is not None and positions is not None:
-            raise InvalidRequest("explicit prompt positions are not accepted by a prefix-LM (GLM v1/130B) model")
-        if prefix_lm is not None:
-            bidirectional_len = prefix_lm.bidirectional_len(prompt_ids)  # InvalidRequest without [gMASK]/<sop>
-            budget = self.scheduler.max_num_batched_tokens
-            if prompt_len > budget:
-                raise PromptTooLongError(
-                    f"prompt length {prompt_len} > MAX_NUM_BATCHED_TOKENS {budget}: this model's prompt attends "
-                    "bidirectionally and must be prefilled in one step; raise MAX_NUM_BATCHED_TOKENS"
-                )
-        eos = self.eos_token_ids if config.eos_token_id is None else frozenset({config.eos_token_id})
-        if config.eos_token_id is not None and config.eos_token_id >= vocab:
-            raise InvalidRequest(f"eos_token_id={config.eos_token_id} is outside the vocabulary [0, {vocab})")
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(config.random_seed if config.random_seed is not None else random.getrandbits(63))
-        return Request(
-            request_id=request_id if request_id is not None else next(self._ids),
-            prompt_ids=list(prompt_ids),
-            config=config,
-            # Never beyond what the whole cache holds, or a lone request could never be scheduled again.
-            max_total_len=min(self.max_seq_len, prompt_len + config.max_new_tokens, self.cache_capacity_tokens),
-            eos_token_ids=frozenset() if config.ignore_eos else eos,
-            mm_inputs=list(mm_inputs or ()),
-            generator=generator,
-            bidirectional_len=bidirectional_len,
-            positions=list(positions) if positions is not None else None,
-        )
+    def add(self, submitted: EngineRequest) -> list[RequestOutput]:
+        """Tokenize, then queue for encoding (images) or admit; returns the admission output (or the error)."""
+        try:
+            submitted.config.validate()
+            token_ids = self._token_ids(submitted)
+            if self.encode_stage is None:
+                if submitted.images:
+                    raise InvalidRequest("this model has no vision encoder: images are not accepted")
+                return [self._admit(submitted, PreparedPrompt(token_ids))]
+            if not submitted.images:  # still checked: a placeholder without its image fails this request alone
+                return [self._admit(submitted, self.encode_stage.encoder.expand(token_ids, [], []))]
+            self.encode_stage.add(submitted.request_id, token_ids, submitted.images)
+            self._encoding[submitted.request_id] = submitted
+            return []
+        except RtpMmError as e:
+            return [self._rejected(submitted, e)]
+        except Exception as e:  # a fault in preparing this one request must not stop the engine
+            logger.exception("preparing request %s failed", submitted.request_id)
+            return [self._rejected(submitted, RtpMmError(f"preparing the request failed: {e!r}"))]
 
-    @property
-    def cache_capacity_tokens(self) -> int:
-        return self.block_manager.num_blocks * self.block_manager.block_size
+    def _token_ids(self, submitted: EngineRequest) -> list[int]:
+        prompt = submitted.prompt
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)  # token ids, used as given
+        if self.prompt_processor is None:
+            raise InvalidRequest("this engine takes token ids only (no tokenizer was loaded)")
+        return self.prompt_processor(prompt, len(submitted.images))
 
-    def new_request_id(self) -> int:
-        return next(self._ids)
-
-    def add_request(self, req: Request) -> None:
+    def _admit(self, submitted: EngineRequest, prepared: PreparedPrompt) -> RequestOutput:
+        req = self.make_request(submitted, prepared)
         self.requests[req.request_id] = req
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         stops = req.config.stop_words_str
         matcher = StopStringMatcher(stops, include_stop=req.config.print_stop_words) if stops and detok else None
         self._text[req.request_id] = _TextState(detok, matcher)
         self.scheduler.add(req)
+        return self._output(req, self._text[req.request_id], "", 0, accepted=True)
 
-    def abort(self, request_id: int, reason: str = "cancelled") -> Request | None:
+    def prepare(self, submitted: EngineRequest) -> Request:
+        """``add``'s admission path run to the end for one request without queueing it (its images encoded now, in
+        one batch, uncached): the Request the scheduler would get. For tools that drive the runner themselves."""
+        submitted.config.validate()
+        token_ids = self._token_ids(submitted)
+        if self.encode_stage is None:
+            return self.make_request(submitted, PreparedPrompt(token_ids))
+        encoder = self.encode_stage.encoder
+        rows = encoder.encode([image.pixels for image in submitted.images]) if submitted.images else []
+        hashes = [image.content_hash for image in submitted.images]
+        return self.make_request(submitted, encoder.expand(token_ids, rows, hashes))
+
+    def make_request(self, submitted: EngineRequest, prepared: PreparedPrompt) -> Request:
+        """Validate a prompt (images already expanded) and build its Request; raises InvalidRequest subclasses."""
+        config, prompt_ids = submitted.config, prepared.token_ids
+        if not prompt_ids:
+            raise EmptyPromptError("prompt is empty: at least one token is needed")
+        prompt_len, limits = len(prompt_ids), self.limits
+        if prompt_len >= limits.max_seq_len:
+            raise PromptTooLongError(
+                f"prompt length {prompt_len} >= max_seq_len {limits.max_seq_len}: no room to generate a token"
+            )
+        image_rows = {p for mm in prepared.mm_inputs for p in range(mm.offset, mm.offset + mm.embeds.shape[0])}
+        bad = [t for i, t in enumerate(prompt_ids) if not (0 <= t < limits.vocab_size) and i not in image_rows]
+        if bad:
+            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+        needed = self.block_manager.blocks_needed(prompt_len + 1)
+        if needed > self.block_manager.num_blocks:
+            raise PromptTooLongError(
+                f"prompt of {prompt_len} tokens needs {needed} KV blocks; the cache has only "
+                f"{self.block_manager.num_blocks}"
+            )
+        layout = self._layout(prompt_ids, prepared.positions)
+        if config.eos_token_id is not None and config.eos_token_id >= limits.vocab_size:
+            vocab = limits.vocab_size
+            raise InvalidRequest(f"eos_token_id={config.eos_token_id} is outside the vocabulary [0, {vocab})")
+        eos = self.eos_token_ids if config.eos_token_id is None else frozenset({config.eos_token_id})
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(config.random_seed if config.random_seed is not None else random.getrandbits(63))
+        return Request(
+            request_id=submitted.request_id,
+            prompt_ids=list(prompt_ids),
+            config=config,
+            # Never beyond what the whole cache holds, or a lone request could never be scheduled again.
+            max_total_len=min(limits.max_seq_len, prompt_len + config.max_new_tokens, self.cache_capacity_tokens),
+            eos_token_ids=frozenset() if config.ignore_eos else eos,
+            mm_inputs=tuple(prepared.mm_inputs),
+            layout=layout,
+            arrival_time=submitted.arrival_time,
+            generator=generator,
+        )
+
+    def _layout(self, prompt_ids: list[int], positions: list[int] | None) -> PromptLayout:
+        """The prompt's PromptLayout: the model's rule (GLM prefix-LM) or the explicit positions of its images."""
+        prefix_lm = self.limits.prefix_lm
+        if positions is not None:
+            if prefix_lm is not None:
+                raise InvalidRequest("explicit prompt positions are not accepted by a prefix-LM (GLM v1/130B) model")
+            _check_positions(positions, len(prompt_ids))
+            return PromptLayout(positions=tuple(positions))
+        if prefix_lm is None:
+            return PromptLayout()
+        layout = prefix_lm.prompt_layout(prompt_ids)  # InvalidRequest without [gMASK]/<sop>
+        budget = self.scheduler.max_num_batched_tokens
+        if len(prompt_ids) > budget:
+            raise PromptTooLongError(
+                f"prompt length {len(prompt_ids)} > MAX_NUM_BATCHED_TOKENS {budget}: this model's prompt attends "
+                "bidirectionally and must be prefilled in one step; raise MAX_NUM_BATCHED_TOKENS"
+            )
+        return layout
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.block_manager.block_size
+
+    def abort(self, request_id: int, reason: str = "cancelled") -> bool:
+        """Drop a request wherever it is (encode stage, queue, running); its KV blocks are freed at once."""
+        self._encoding.pop(request_id, None)
+        if self.encode_stage is not None and self.encode_stage.remove(request_id):
+            return True
         req = self.requests.pop(request_id, None)
-        if req is not None:
-            self.scheduler.finish(req, reason)
-            self._text.pop(request_id, None)
-        return req
+        if req is None:
+            return False
+        self.scheduler.finish(req, reason)
+        self._text.pop(request_id, None)
+        return True
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or (self.encode_stage is not None and self.encode_stage.has_work)
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         outputs = self._expire_timeouts()
+        if self.encode_stage is not None and self.encode_stage.has_work:
+            outputs += self._encode()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
-        logits, sampled = self.runner.execute(batch)
-        self.scheduler.advance(batch)
+        sampled = self.runner.execute(batch)
+        self.scheduler.advance()
         self.step_count += 1
-        requests = [s.request for s in sampled]
-        tokens, logprobs = sample(logits, requests) if requests else ([], [])
         now = time.monotonic()
-        for req, token, lp in zip(requests, tokens, logprobs, strict=True):
-            req.output_ids.append(token)
+        for item in sampled:
+            req = self.requests.get(item.request_id)
+            if req is None:  # finished while its token was computed (the runner failed it, say): nothing to add
+                continue
+            req.output_ids.append(item.token)
             req.iter_count += 1
-            if lp is not None:
-                req.output_logprobs.append(lp)
+            if item.logprobs is not None:
+                req.output_logprobs.append(item.logprobs)
             if req.first_token_time is None:
                 req.first_token_time = now
-            outputs.append(self._postprocess(req, 1))
+            outputs.append(self._postprocess(req))
         self.last_step_ms = (time.perf_counter() - start) * 1000
         return outputs
 
-    def _postprocess(self, req: Request, num_new: int) -> RequestOutput:
+    def _encode(self) -> list[RequestOutput]:
+        """One encode-stage batch: expanded prompts are admitted, failures answered."""
+        ready, failed = self.encode_stage.step()
+        outputs = [self._rejected(self._encoding.pop(request_id), error) for request_id, error in failed]
+        for request_id, prepared in ready:
+            submitted = self._encoding.pop(request_id)
+            try:
+                outputs.append(self._admit(submitted, prepared))
+            except RtpMmError as e:
+                outputs.append(self._rejected(submitted, e))
+        return outputs
+
+    def _postprocess(self, req: Request) -> RequestOutput:
         state = self._text[req.request_id]
         token = req.output_ids[-1]
         cfg = req.config
@@ -223,13 +301,15 @@ class LLMEngine:
         state.text += delta
         if reason is not None:
             self._finish(req, reason)
-        return self._output(req, state, delta, num_new)
+        return self._output(req, state, delta, 1)
 
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)
         self.requests.pop(req.request_id, None)
 
-    def _output(self, req: Request, state: _TextState, delta: str, num_new: int, error=None) -> RequestOutput:
+    def _output(
+        self, req: Request, state: _TextState, delta: str, num_new: int, error=None, accepted: bool = False
+    ) -> RequestOutput:
         if req.is_finished:
             self._text.pop(req.request_id, None)
         return RequestOutput(
@@ -243,7 +323,15 @@ class LLMEngine:
             logprobs=list(req.output_logprobs) if req.config.logprobs is not None else None,
             aux_info=self.aux_info(req),
             error=error,
+            accepted=accepted,
         )
+
+    def _rejected(self, submitted: EngineRequest, error: RtpMmError) -> RequestOutput:
+        """The output of a request that never reached the scheduler: finished, with its error."""
+        self._encoding.pop(submitted.request_id, None)
+        aux = {"cost_time": (time.monotonic() - submitted.arrival_time) * 1000, "iter_count": 0, "prefix_len": 0}
+        aux |= {"input_len": 0, "reuse_len": 0, "output_len": 0}
+        return RequestOutput(submitted.request_id, "", "", [], 0, True, "error", None, aux, error=error)
 
     def aux_info(self, req: Request) -> dict[str, Any]:
         return {
@@ -272,14 +360,19 @@ class LLMEngine:
         return self._output(req, state, "", 0, error=error)
 
     def fail_all(self, error: RtpMmError) -> list[RequestOutput]:
-        return [self.fail(req, error) for req in list(self.requests.values())]
+        """Every request in the engine fails with ``error`` (an internal fault, or shutdown)."""
+        encoding = list(self._encoding.values())
+        for submitted in encoding:
+            self.encode_stage.remove(submitted.request_id)
+        outputs = [self._rejected(submitted, error) for submitted in encoding]
+        return outputs + [self.fail(req, error) for req in list(self.requests.values())]
 
     # ---- introspection ----------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         bm = self.block_manager
-        return {
+        stats = {
             "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            "num_waiting": len(self.scheduler.waiting) + len(self._encoding),
             "num_blocks": bm.num_blocks,
             "free_blocks": bm.num_free_blocks,
             "block_size": bm.block_size,
@@ -289,6 +382,9 @@ class LLMEngine:
             "step_count": self.step_count,
             "last_step_ms": self.last_step_ms,
         }
+        if self.encode_stage is not None:
+            stats.update(self.encode_stage.report())  # encoder-cache hits/misses, images encoded, ViT batches
+        return stats
 
 
 def _check_positions(positions: list[int], prompt_len: int) -> None:

@@ -1,7 +1,9 @@
 """EngineLoop: runs the LLMEngine on its own thread so asyncio front ends never block on model compute.
 
-Other threads talk to it only through a command queue (submit, abort, stop); outputs go back through a per-request
-sink callable invoked on the engine thread (an asyncio sink hops to its event loop with call_soon_threadsafe).
+The engine thread owns all engine state. Other threads talk to it only through a command queue (submit, abort,
+call, stop); outputs go back through a per-request sink callable invoked on the engine thread (an asyncio sink hops
+to its event loop with call_soon_threadsafe). Between two steps the thread drains the queue: a submitted request is
+tokenized and validated (or queued for its images) there, and its first output says whether it was accepted.
 
 Given a factory instead of an engine, the loop builds the engine on its own thread first (loading, warm-up), so the
 whole model's compute runs on one thread. That matters on CPU: GNU OpenMP (PyTorch's intra-op threads) keeps one
@@ -22,7 +24,7 @@ from typing import Any
 
 from rtp_mm.errors import EngineDead, RtpMmError
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
-from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.engine.request import EngineRequest
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,12 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 
-    def submit(self, req: Request, sink: Sink) -> None:
+    def submit(self, requests: list[EngineRequest], sink: Sink) -> None:
+        """Queue ``requests`` as one command: the engine admits them between the same two steps, so they share
+        that step's encoder batch and prefill."""
         if not self.alive:
             raise EngineDead("the engine is shut down")
-        self._commands.put(("add", req, sink))
+        self._commands.put(("add", requests, sink))
         self._wake.set()
 
     def abort(self, request_id: int) -> None:
@@ -115,9 +119,11 @@ class EngineLoop:
                 return True
             kind = cmd[0]
             if kind == "add":
-                _, req, sink = cmd
-                self._sinks[req.request_id] = sink
-                self.engine.add_request(req)
+                _, requests, sink = cmd
+                for req in requests:
+                    self._sinks[req.request_id] = sink
+                    for out in self.engine.add(req):
+                        self._deliver(out)
             elif kind == "abort":
                 self.engine.abort(cmd[1])
                 self._sinks.pop(cmd[1], None)

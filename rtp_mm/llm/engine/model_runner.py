@@ -1,4 +1,5 @@
-"""ModelRunner: owns the model, the device and the KV-cache tensors; turns a ScheduledBatch into tensors and logits."""
+"""ModelRunner: owns the model, the device and the KV-cache tensors; turns a frozen ScheduledBatch into tensors,
+runs the model and samples the next token of every sequence that reached its last known token."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rtp_mm.kernels.attention import AttnMetadata, Int8KVCache, KVCache, PrefillChunk, causal_mask, decode_mask
+from rtp_mm.llm.engine.sampler import sample
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
 from rtp_mm.llm.models.decoder import Decoder
 
@@ -19,6 +21,15 @@ def kv_block_bytes(model: Decoder, block_size: int, kv_dtype: torch.dtype, int8_
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * (spec.head_dim + 4)
     itemsize = torch.empty(0, dtype=kv_dtype).element_size()
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """One sequence's new token (and its top-N logprobs when asked for)."""
+
+    request_id: int
+    token: int
+    logprobs: dict[int, float] | None
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
-        positions: list[int] = []
+        positions: list = []
         seq_lens: list[int] = []
         prompt_lens: list[int] = []
         slots: list[int] = []
@@ -77,37 +88,29 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         mm_rows: list[tuple[int, torch.Tensor]] = []
         for seq in batch.seqs:
-            req = seq.request
             row0 = len(ids)
             end = seq.start + seq.num_new_tokens
-            tokens = req.all_token_ids[seq.start : end]
-            ids.extend(tokens)
-            span = range(seq.start, end)
-            prefix_lm = self.model.spec.prefix_lm
-            if req.positions is not None:  # chatglm4v: all rows of an image share one position
-                positions.extend(req.positions_of(seq.start, end))
-            else:
-                positions.extend(prefix_lm.positions(req.prompt_ids, seq.start, end) if prefix_lm else span)
+            ids.extend(seq.token_ids)
+            positions.extend(seq.positions)
             seq_lens.extend([end] * seq.num_new_tokens)
-            prompt_lens.extend([req.num_prompt_tokens] * seq.num_new_tokens)
+            prompt_lens.extend([seq.prompt_len] * seq.num_new_tokens)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            slots.extend(table[p // bs] * bs + p % bs for p in range(seq.start, end))
             if seq.num_new_tokens > 1:
-                bidir = req.bidirectional_len if req.bidirectional_len > seq.start else 0
                 prefills.append(
                     PrefillChunk(
                         q_start=row0,
                         q_len=seq.num_new_tokens,
                         start_pos=seq.start,
                         block_table=torch.tensor(table, dtype=torch.long, device=self.device),
-                        bidirectional_len=bidir,
+                        bidirectional_len=seq.bidirectional_len,
                         # built once per step, shared by every layer
-                        mask=causal_mask(seq.start, seq.num_new_tokens, bidir, device=self.device)
+                        mask=causal_mask(seq.start, seq.num_new_tokens, seq.bidirectional_len, device=self.device)
                         if seq.start
                         else None,
                     )
                 )
-            for mm in req.mm_inputs:
+            for mm in seq.mm_inputs:
                 lo, hi = max(mm.offset, seq.start), min(mm.offset + mm.embeds.shape[0], end)
                 if lo < hi:
                     mm_rows.append((row0 + lo - seq.start, mm.embeds[lo - mm.offset : hi - mm.offset]))
@@ -147,8 +150,26 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[ScheduledSeq, ...]]:
-        """Run one step. Returns float32 logits [num_sampled, vocab] and the sequences they belong to."""
+    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """Run one step; the new token of every sampled sequence, in batch order."""
+        logits, sampled = self.forward(batch)
+        if not sampled:
+            return []
+        tokens, logprobs = sample(logits, [seq.sampling for seq in sampled])
+        return [
+            SampledToken(seq.request_id, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[ScheduledSeq, ...]]:
+        """The model on one step. Returns float32 logits [num_sampled, vocab] and the sequences they belong to."""
+        hidden, inputs = self.hidden_states(batch)
+        return self.model.compute_logits(hidden[inputs.sample_index]), inputs.sampled
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
+        """Final-norm hidden states [num_tokens, hidden] of every token of the step (image rows spliced over their
+        placeholders' embeddings), and the step's inputs."""
         inputs = self.prepare(batch)
         embeds = None
         if inputs.mm_rows:
@@ -166,5 +187,4 @@ class ModelRunner:
             inputs_embeds=embeds,
             prompt_lens=inputs.prompt_lens,
         )
-        logits = self.model.compute_logits(hidden[inputs.sample_index])
-        return logits, inputs.sampled
+        return hidden, inputs

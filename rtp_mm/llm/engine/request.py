@@ -1,4 +1,9 @@
-"""Request: everything the engine knows about one sequence."""
+"""What a caller submits (``EngineRequest``) and what the engine tracks per admitted sequence (``Request``).
+
+An ``EngineRequest`` is immutable and carries the prompt in the caller's terms (token ids, or text / a chat that the
+engine's prompt processor turns into ids), preprocessed images and the generation config. The engine turns it into a
+``Request`` on its own thread once the prompt is tokenized, its images are encoded and it passed validation.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,19 @@ from typing import Any
 import torch
 
 from rtp_mm.llm.engine.generate_config import GenerateConfig
+from rtp_mm.llm.engine.multimodal import EncoderInput, MultimodalInput
+from rtp_mm.llm.models.prompt_layout import PromptLayout
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One sequence to generate, as submitted. ``images`` fill the prompt's image placeholders in order."""
+
+    request_id: int
+    prompt: Any  # token ids (used as given), or what the engine's prompt processor reads (text, chat messages)
+    config: GenerateConfig
+    images: tuple[EncoderInput, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
 
 
 class RequestStatus(Enum):
@@ -19,17 +37,8 @@ class RequestStatus(Enum):
 
 
 @dataclass
-class MultimodalInput:
-    """Precomputed embeddings spliced into the token embeddings (llm never runs a vision tower itself)."""
-
-    embeds: torch.Tensor  # [num_rows, hidden]
-    offset: int  # index in the prompt of the first row
-    content_hash: str = ""  # identity of the image, for prefix-cache keys
-
-
-@dataclass
 class Request:
-    """One sequence. Invariants: ``num_computed_tokens <= len(all_token_ids)``; the block table covers every
+    """One admitted sequence. Invariants: ``num_computed_tokens <= len(all_token_ids)``; the block table covers every
     computed token; only the scheduler mutates the scheduling fields, only the engine appends outputs."""
 
     request_id: int
@@ -37,9 +46,8 @@ class Request:
     config: GenerateConfig
     max_total_len: int  # prompt + generated tokens may not exceed this (min of MAX_SEQ_LEN and prompt+max_new)
     eos_token_ids: frozenset[int] = frozenset()
-    mm_inputs: list[MultimodalInput] = field(default_factory=list)
-    # Explicit rotary positions of the prompt tokens (chatglm4v's image rule); None = 0..n-1 (see vision/base.py).
-    positions: list[int] | None = None
+    mm_inputs: tuple[MultimodalInput, ...] = ()
+    layout: PromptLayout = PromptLayout()  # rotary positions and bidirectional prefix of the prompt
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -48,16 +56,11 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: Exception | None = None
     reuse_len: int = 0  # prompt tokens served from the prefix cache
-    # Prefix-LM (GLM v1/130B): every prompt token sees the keys below this index, so the K/V of early prompt tokens
-    # depend on later ones. The scheduler prefills such a prompt in one chunk, and the prefix cache keys its blocks
-    # on this whole bidirectional part. 0 = causal.
-    bidirectional_len: int = 0
     num_preemptions: int = 0
     iter_count: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     generator: torch.Generator | None = None  # per-request RNG: seeded samples independent of batch composition
-    user_data: Any = None  # owner's handle (e.g. the output queue); the engine never looks inside
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -75,11 +78,13 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def positions_of(self, start: int, end: int) -> list[int]:
-        """Explicit rotary positions of sequence indices [start, end): prompt tokens take ``positions``, generated
-        tokens continue from the last prompt position + 1. Requires ``positions`` (None means plain indices)."""
-        assert self.positions is not None
-        n = len(self.positions)
-        head = self.positions[start : min(end, n)]
-        last = self.positions[-1]
-        return head + [last + 1 + t - n for t in range(max(start, n), end)]
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without copying the whole sequence (a decode step reads one token)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:p] + self.output_ids[max(start - p, 0) : end - p]
+
+    def positions_of(self, start: int, end: int) -> list[Any]:
+        """Rotary positions of sequence indices [start, end), prompt or generated."""
+        return self.layout.positions_of(start, end, self.num_prompt_tokens)

@@ -1,4 +1,4 @@
-"""Sampler: logits -> next tokens (and optional top-N logprobs), per request.
+"""Sampler: logits -> next tokens (and optional top-N logprobs), one row per sampled sequence.
 
 Order per row: logprobs are taken from the raw distribution (before any processing, as documented for
 ``GenerateConfig.logprobs``); then repetition / presence / frequency penalties; EOS masked until
@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import torch
 
-from rtp_mm.llm.engine.request import Request
+from rtp_mm.llm.engine.scheduler import SamplingParams
 
 
-def apply_penalties(logits: torch.Tensor, req: Request) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [vocab] (modified copy). HF-style repetition penalty over prompt + output; OpenAI-style
     presence/frequency penalties over the output only."""
-    cfg = req.config
+    cfg = params.config
     vocab = logits.shape[0]
     if cfg.repetition_penalty != 1.0:
         # Image placeholder ids may lie outside the vocabulary (llava: -200); a negative index would wrap around.
-        ids = sorted(t for t in set(req.all_token_ids) if 0 <= t < vocab)
+        ids = sorted(t for t in set(params.token_ids) if 0 <= t < vocab)
         seen = torch.tensor(ids, dtype=torch.long, device=logits.device)
         picked = logits[seen]
         picked = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
         logits = logits.clone()
         logits[seen] = picked
-    if (cfg.presence_penalty or cfg.frequency_penalty) and req.output_ids:
+    output_ids = params.output_ids
+    if (cfg.presence_penalty or cfg.frequency_penalty) and output_ids:
         counts = torch.bincount(
-            torch.tensor(req.output_ids, dtype=torch.long, device=logits.device), minlength=logits.shape[0]
+            torch.tensor(output_ids, dtype=torch.long, device=logits.device), minlength=logits.shape[0]
         )[: logits.shape[0]].to(logits.dtype)
         logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
@@ -49,21 +50,21 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits [n, vocab] float32, one row per request -> (token per row, logprobs dict per row or None)."""
+def sample(logits: torch.Tensor, rows: list[SamplingParams]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [n, vocab] float32, one row per sequence -> (token per row, logprobs dict per row or None)."""
     tokens: list[int] = []
     logprobs: list[dict[int, float] | None] = []
-    want_logprobs = any(r.config.logprobs is not None for r in requests)
+    want_logprobs = any(p.config.logprobs is not None for p in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    plain = all(_is_plain_greedy(r) for r in requests)
+    plain = all(_is_plain_greedy(p) for p in rows)
     if plain:
         tokens = logits.argmax(dim=-1).tolist()
-    for i, req in enumerate(requests):
+    for i, params in enumerate(rows):
         if not plain:
-            tokens.append(_sample_row(logits[i], req))
-        if req.config.logprobs is not None:
+            tokens.append(_sample_row(logits[i], params))
+        if params.config.logprobs is not None:
             row = raw_logprobs[i]
-            top = torch.topk(row, req.config.logprobs) if req.config.logprobs else None
+            top = torch.topk(row, params.config.logprobs) if params.config.logprobs else None
             entry = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
             entry[tokens[i]] = float(row[tokens[i]])
             logprobs.append(entry)
@@ -72,27 +73,27 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], li
     return tokens, logprobs
 
 
-def _is_plain_greedy(req: Request) -> bool:
-    cfg = req.config
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    cfg = params.config
     return (
         cfg.is_greedy()
         and cfg.repetition_penalty == 1.0
         and not cfg.presence_penalty
         and not cfg.frequency_penalty
-        and len(req.output_ids) >= cfg.min_new_tokens
+        and params.num_output_tokens >= cfg.min_new_tokens
     )
 
 
-def _sample_row(row: torch.Tensor, req: Request) -> int:
-    cfg = req.config
-    row = apply_penalties(row, req)
+def _sample_row(row: torch.Tensor, params: SamplingParams) -> int:
+    cfg = params.config
+    row = apply_penalties(row, params)
     # A user-supplied eos_token_id may be outside the vocabulary: it can never be drawn, so it needs no mask.
-    eos = [t for t in req.eos_token_ids if t < row.shape[0]]
-    if len(req.output_ids) < cfg.min_new_tokens and eos:
+    eos = [t for t in params.eos_token_ids if t < row.shape[0]]
+    if params.num_output_tokens < cfg.min_new_tokens and eos:
         row = row.clone()
         row[eos] = float("-inf")
     if cfg.is_greedy():
         return int(row.argmax())
     row = filter_top_k_top_p(row / cfg.temperature, cfg.top_k, cfg.top_p)
     probs = row.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=req.generator))
+    return int(torch.multinomial(probs, 1, generator=params.generator))

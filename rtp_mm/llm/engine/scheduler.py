@@ -3,33 +3,69 @@
 Each step: running requests first (decodes, then the next chunk of partially prefilled prompts), preempting the
 most recently admitted request (recompute: its blocks are freed and it returns to the front of the queue) when
 blocks run out; then new requests from the queue while the token budget, the sequence limit and the free blocks
-allow. Long prompts are prefilled in chunks of at most the remaining budget. The runner receives one frozen
-``ScheduledBatch``.
+allow. Long prompts are prefilled in chunks of at most the remaining budget.
+
+The runner receives one frozen ``ScheduledBatch`` holding plain values (token ids, positions, block tables, image
+rows, sampling parameters), never a live ``Request``: what a step computes is fixed when it is scheduled.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from rtp_mm.llm.engine.block_manager import BlockManager
+from rtp_mm.llm.engine.generate_config import GenerateConfig
+from rtp_mm.llm.engine.multimodal import MultimodalInput
 from rtp_mm.llm.engine.request import Request, RequestStatus
+from rtp_mm.llm.models.prompt_layout import Position
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the sampler needs of one sequence to pick its next token."""
+
+    config: GenerateConfig  # read-only
+    eos_token_ids: frozenset[int]
+    num_output_tokens: int  # generated so far (EOS is masked until config.min_new_tokens)
+    prompt_len: int
+    token_ids: tuple[int, ...]  # prompt + output ids when a penalty reads them, else ()
+    generator: Any  # the request's torch.Generator: seeded samples independent of batch composition
+
+    @property
+    def output_ids(self) -> tuple[int, ...]:
+        return self.token_ids[self.prompt_len :]
 
 
 @dataclass(frozen=True)
 class ScheduledSeq:
-    request: Request  # read-only for the runner (token ids, sampling parameters, RNG)
-    start: int  # position of the first token computed this step (= num_computed_tokens when scheduled)
-    num_new_tokens: int  # tokens computed this step
-    block_table: tuple[int, ...]  # blocks covering positions [0, start + num_new_tokens)
-    sample: bool  # the chunk reaches the last known token: a new token is sampled from its last position
+    """One sequence's work in a step: tokens [start, start + len(token_ids)) are computed."""
+
+    request_id: int
+    start: int  # = num_computed_tokens when scheduled
+    token_ids: tuple[int, ...]
+    positions: tuple[Position, ...]  # rotary position of each token
+    block_table: tuple[int, ...]  # blocks covering positions [0, start + len(token_ids))
+    prompt_len: int  # Qwen v1's dynamic NTK depends on it
+    bidirectional_len: int = 0  # prompt tokens below this see each other (prefix-LM), see PromptLayout
+    mm_inputs: tuple[MultimodalInput, ...] = ()  # image rows overlapping this chunk (the runner slices them)
+    sampling: SamplingParams | None = None  # set when the chunk reaches the last known token: sample after it
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def sample(self) -> bool:
+        return self.sampling is not None
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
     decodes: tuple[ScheduledSeq, ...]  # one token each; batched attention over their block tables
     prefills: tuple[ScheduledSeq, ...]  # prompt chunks (or recomputation after preemption)
-    preempted: tuple[Request, ...]  # requests sent back to the queue this step
+    preempted: tuple[int, ...]  # ids of the requests sent back to the queue this step
     num_tokens: int  # total tokens computed this step
 
     @property
@@ -58,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # total since start (a metric)
+        self._scheduled: list[tuple[Request, int]] = []  # the last batch's (request, tokens computed by it)
 
     @property
     def has_work(self) -> bool:
@@ -97,17 +134,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
-        preempted: list[Request] = []
+        preempted: list[int] = []
+        self._scheduled = []
 
         def emit(req: Request, num_new: int) -> None:
-            seq = ScheduledSeq(
-                request=req,
-                start=req.num_computed_tokens,
-                num_new_tokens=num_new,
-                block_table=tuple(req.block_table),
-                sample=req.num_computed_tokens + num_new == req.num_tokens,
-            )
+            seq = scheduled_seq(req, req.num_computed_tokens, num_new)
             (decodes if num_new == 1 else prefills).append(seq)
+            self._scheduled.append((req, num_new))
 
         # 1) Running requests, oldest first. Preempt from the newest end when blocks run out.
         index = 0
@@ -118,7 +151,7 @@ class Scheduler:
             while need > bm.num_free_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
-                preempted.append(victim)
+                preempted.append(victim.request_id)
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
@@ -134,8 +167,8 @@ class Scheduler:
             reuse = bm.lookup_prefix(req)
             computed = len(reuse) * bm.block_size
             num_new = min(req.num_tokens - computed, budget)
-            if req.bidirectional_len and computed + num_new < req.num_prompt_tokens:
-                break  # a prefix-LM prompt is prefilled in one chunk (engine caps it at the budget): wait for room
+            if req.layout.bidirectional_len and computed + num_new < req.num_prompt_tokens:
+                break  # a bidirectional prompt is prefilled in one chunk (admission caps it at the budget): wait
             need = bm.blocks_needed(computed + num_new) - len(reuse)
             if not bm.can_allocate(need + self.watermark_blocks, reuse) and self.running:
                 break
@@ -158,10 +191,38 @@ class Scheduler:
             num_tokens=self.max_num_batched_tokens - budget,
         )
 
-    def advance(self, batch: ScheduledBatch) -> None:
-        """Record that the batch's tokens are now in the KV cache (before sampled tokens are appended)."""
-        for seq in batch.seqs:
-            req = seq.request
+    def advance(self) -> None:
+        """Record that the last batch's tokens are now in the KV cache (before sampled tokens are appended)."""
+        for req, num_new in self._scheduled:
             if req.status is RequestStatus.RUNNING:
-                req.num_computed_tokens = seq.start + seq.num_new_tokens
+                req.num_computed_tokens += num_new
                 self.block_manager.register_full_blocks(req)
+        self._scheduled = []
+
+
+def scheduled_seq(req: Request, start: int, num_new: int) -> ScheduledSeq:
+    """The frozen work item for tokens [start, start + num_new) of ``req``."""
+    end = start + num_new
+    sampling = None
+    if end == req.num_tokens:
+        cfg = req.config
+        penalized = cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty
+        sampling = SamplingParams(
+            config=cfg,
+            eos_token_ids=req.eos_token_ids,
+            num_output_tokens=len(req.output_ids),
+            prompt_len=req.num_prompt_tokens,
+            token_ids=tuple(req.all_token_ids) if penalized else (),
+            generator=req.generator,
+        )
+    return ScheduledSeq(
+        request_id=req.request_id,
+        start=start,
+        token_ids=tuple(req.token_slice(start, end)),
+        positions=tuple(req.positions_of(start, end)),
+        block_table=tuple(req.block_table),
+        prompt_len=req.num_prompt_tokens,
+        bidirectional_len=req.layout.bidirectional_len if req.layout.bidirectional_len > start else 0,
+        mm_inputs=tuple(mm for mm in req.mm_inputs if mm.offset < end and mm.offset + mm.embeds.shape[0] > start),
+        sampling=sampling,
+    )

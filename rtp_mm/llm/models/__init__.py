@@ -1,15 +1,13 @@
-"""Model families. ``FAMILIES`` maps a family name (see rtp_mm.model_types) to its ``build`` function.
+"""The family registry: every model family rtp-mm serves, one line per family file.
 
-A family missing here is registered as a MODEL_TYPE but not implemented yet: loading it raises
-NotImplementedYetError rather than silently running another architecture.
+A family file (``llama.py``, ``chatglm.py``, ...) holds the family's maths as data (``DecoderSpec`` fields and a weight
+table) and its declaration(s) (``FAMILIES``: MODEL_TYPE names, detection, layout, tokenizer adapter, vision encoder;
+see ``family.Family``). Adding a family is its own file plus one line here. ``rtp_mm.model_types`` answers every
+question about MODEL_TYPE names from this table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from rtp_mm.errors import NotImplementedYetError
 from rtp_mm.llm.models import (
     baichuan,
     bloom,
@@ -24,39 +22,21 @@ from rtp_mm.llm.models import (
     starcoder2,
     vision_text,
 )
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, registry
 
-BuildFn = Callable[[dict[str, Any], set[str], str], FamilyModel]
-
-FAMILIES: dict[str, BuildFn] = {
-    "llama": llama.build,
-    "qwen_2": llama.qwen2_build,
-    "gemma": llama.gemma_build,
-    "bloom": bloom.build,
-    "sgpt_bloom_vector": bloom.build,
-    "gpt_bigcode": gpt_bigcode.build,
-    "starcoder2": starcoder2.build,
-    "gpt_neox": gpt_neox.build,
-    "falcon": falcon.build,
-    "mpt": mpt.build,
-    "phi": phi.build,
-    "chatglm": chatglm.chatglm_build,
-    "glm_130b": chatglm.glm_130b_build,
-    "chatglm2": chatglm.chatglm2_build,
-    "chatglm3": chatglm.chatglm2_build,
-    "qwen": qwen_v1.build,
-    "baichuan": baichuan.build,
-    "llava": vision_text.llava_build,
-    "qwen_vl": vision_text.qwen_vl_build,
-    "chatglm4v": vision_text.chatglm4v_build,
-}
-
-
-def family_builder(family: str, model_type: str) -> BuildFn:
-    build = FAMILIES.get(family)
-    if build is None:
-        raise NotImplementedYetError(
-            f"MODEL_TYPE={model_type!r} (family {family!r}) is registered but not implemented yet; "
-            f"implemented families: {', '.join(sorted(FAMILIES))}"
-        )
-    return build
+FAMILIES: dict[str, Family] = registry(
+    [
+        *chatglm.FAMILIES,  # chatglm, glm_130b, chatglm2, chatglm3
+        *gpt_bigcode.FAMILIES,
+        *starcoder2.FAMILIES,
+        *bloom.FAMILIES,  # bloom, sgpt_bloom_vector
+        *llama.FAMILIES,  # llama (xverse, aquila, internlm), gemma, qwen_2
+        *baichuan.FAMILIES,
+        *gpt_neox.FAMILIES,
+        *qwen_v1.FAMILIES,
+        *falcon.FAMILIES,
+        *mpt.FAMILIES,
+        *phi.FAMILIES,
+        *vision_text.FAMILIES,  # llava, qwen_vl, chatglm4v
+    ]
+)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from rtp_mm.errors import CheckpointError
-from rtp_mm.llm.models import llama
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models import llama_layout as llama
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.weights import Src, WeightTable
 
 BAICHUAN2_VOCAB = 125696
@@ -60,3 +60,15 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
         table["lm_head.weight"] = Src("lm_head.weight", normalize_rows)
     drop = llama.DROP + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
     return FamilyModel(spec=spec, table=table, drop=drop)
+
+
+FAMILIES = (
+    Family(
+        "baichuan",
+        ("baichuan",),
+        build,
+        architectures={"BaichuanForCausalLM": "baichuan", "BaiChuanForCausalLM": "baichuan"},
+        hf_model_types={"baichuan": "baichuan"},
+        layout="llama",
+    ),
+)

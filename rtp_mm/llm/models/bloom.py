@@ -11,7 +11,7 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.fused_qkv import per_head_interleaved
 from rtp_mm.llm.models.hf_config import get
 from rtp_mm.llm.models.weights import Src, WeightTable, weight_and_bias
@@ -74,3 +74,17 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
 
 def _strip_transformer(name: str) -> str:
     return name.removeprefix("transformer.")
+
+
+FAMILIES = (
+    Family(
+        "bloom",
+        ("bloom", "sgpt_bloom"),
+        build,
+        architectures={"BloomForCausalLM": "bloom", "BloomModel": "bloom"},
+        hf_model_types={"bloom": "bloom"},
+        layout="bloom",
+    ),
+    # SGPT-BLOOM: the same backbone, position-weighted mean pooling of the final hidden states (engine/embedding.py).
+    Family("sgpt_bloom_vector", ("sgpt_bloom_vector",), build, layout="bloom", embedding=True),
+)

@@ -23,7 +23,7 @@ import torch
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.hf_config import get
 from rtp_mm.llm.models.prefix_lm import PrefixLM
 from rtp_mm.llm.models.rope import RopeSpec
@@ -224,3 +224,54 @@ def chatglm2_build(config: dict[str, Any], keys: set[str], model_type: str) -> F
     if tied:
         drop += (r"transformer\.output_layer\.weight",)
     return FamilyModel(spec=spec, table=V2_TABLE, drop=drop)
+
+
+# ChatGLM-6B, ChatGLM2/3 and GLM-4(V) all call themselves ChatGLMModel / ChatGLMForConditionalGeneration (config
+# model_type chatglm); the config's fields tell them apart. ChatGLM3 differs from ChatGLM2 only in its rope rule, read
+# from the config, so detection names chatglm2 and MODEL_TYPE=chatglm3 serves the same checkpoints (same layout).
+_CHATGLM_ARCHS = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
+_CHATGLM_TYPES = ("chatglm", "glm")
+
+
+def chatglm_names(model_type: str) -> dict[str, dict[str, str]]:
+    """The ChatGLM detection names, all implying ``model_type``."""
+    return {
+        "architectures": dict.fromkeys(_CHATGLM_ARCHS, model_type),
+        "hf_model_types": dict.fromkeys(_CHATGLM_TYPES, model_type),
+    }
+
+
+def is_chatglm2_config(config: dict[str, Any]) -> bool:
+    """ChatGLM2/3 (and text-only GLM-4): GQA and a padded vocabulary; GLM-4V adds a vision_config."""
+    return "vision_config" not in config and ("multi_query_group_num" in config or "padded_vocab_size" in config)
+
+
+FAMILIES = (
+    Family(
+        "chatglm",
+        ("chatglm", "chat_glm"),
+        chatglm_build,
+        **chatglm_names("chatglm"),
+        layout="glm_v1",
+        tokenizer="rtp_mm.tokenizers.glm:load_chatglm",
+    ),
+    # GLM-130B ships no config.json (nothing to detect) and reads ChatGLM-6B's layout; its icetk tokenizer has no
+    # adapter, so it takes a tokenizer.json or runs on token ids.
+    Family("glm_130b", ("glm_130b",), glm_130b_build, layout="glm_v1"),
+    Family(
+        "chatglm2",
+        ("chatglm2", "chat_glm_2"),
+        chatglm2_build,
+        **chatglm_names("chatglm2"),
+        detect=is_chatglm2_config,
+        layout="glm_v2",
+        tokenizer="rtp_mm.tokenizers.glm:load_chatglm2",
+    ),
+    Family(
+        "chatglm3",
+        ("chatglm3", "chat_glm_3"),
+        chatglm2_build,
+        layout="glm_v2",
+        tokenizer="rtp_mm.tokenizers.glm:load_chatglm3",
+    ),
+)

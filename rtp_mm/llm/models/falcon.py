@@ -15,7 +15,7 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.fused_qkv import grouped, per_head_interleaved
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
 from rtp_mm.llm.models.weights import Src, WeightTable
@@ -91,3 +91,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     }
     drop = (r"lm_head\.weight",) if tied else ()
     return FamilyModel(spec=spec, table=table, drop=drop)
+
+
+FAMILIES = (
+    Family(
+        "falcon",
+        ("falcon",),
+        build,
+        architectures={"FalconForCausalLM": "falcon", "RWForCausalLM": "falcon"},
+        hf_model_types={"falcon": "falcon", "RefinedWeb": "falcon", "RefinedWebModel": "falcon"},
+    ),
+)

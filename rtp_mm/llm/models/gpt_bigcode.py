@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.fused_qkv import per_head_interleaved
 from rtp_mm.llm.models.hf_config import activation, get
 from rtp_mm.llm.models.weights import Src, WeightTable
@@ -74,3 +74,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     }
     drop = DROP + ((r"lm_head\.weight",) if tied else ())
     return FamilyModel(spec=spec, table=table, drop=drop)
+
+
+FAMILIES = (
+    Family(
+        "gpt_bigcode",
+        ("gpt_bigcode", "wizardcoder"),
+        build,
+        architectures={"GPTBigCodeForCausalLM": "gpt_bigcode"},
+        hf_model_types={"gpt_bigcode": "gpt_bigcode"},
+    ),
+)

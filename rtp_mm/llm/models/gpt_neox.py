@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.fused_qkv import per_head_interleaved
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
 from rtp_mm.llm.models.weights import Src, WeightTable, weight_and_bias
@@ -79,3 +79,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
 def _release_names(name: str) -> str:
     """transformers 5 saves the head as ``lm_head``; the released checkpoints call it ``embed_out``."""
     return "embed_out.weight" if name == "lm_head.weight" else name
+
+
+FAMILIES = (
+    Family(
+        "gpt_neox",
+        ("gpt_neox",),
+        build,
+        architectures={"GPTNeoXForCausalLM": "gpt_neox"},
+        hf_model_types={"gpt_neox": "gpt_neox"},
+    ),
+)

@@ -13,7 +13,7 @@ import torch
 from rtp_mm.errors import ConfigError
 from rtp_mm.llm.loader import open_checkpoint
 from rtp_mm.llm.loader.parallel import auto_num_processes, iter_tensors_parallel
-from rtp_mm.llm.models import family_builder
+from rtp_mm.llm.models import FAMILIES
 from rtp_mm.llm.models.decoder import Decoder
 from rtp_mm.llm.models.family import FamilyModel
 from rtp_mm.llm.models.weights import load_weights
@@ -62,7 +62,7 @@ def load_model(
         num_processes = num_load_processes or auto_num_processes(ckpt)
         config = ckpt.config()
         keys = set(ckpt.keys())
-        family_model = family_builder(family, model_type)(config, keys, model_type)
+        family_model = FAMILIES[family].build(config, keys, model_type)
         with torch.device("meta"):
             model = Decoder(family_model.spec)
         model = model.to(dtype).to_empty(device=device)

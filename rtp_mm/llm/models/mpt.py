@@ -11,7 +11,7 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.hf_config import get
 from rtp_mm.llm.models.weights import WeightTable
 
@@ -71,3 +71,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     )
     # The transformers port saves the tied head too; it is always wte.
     return FamilyModel(spec=spec, table=TABLE, drop=(r"lm_head\.weight",))
+
+
+FAMILIES = (
+    Family(
+        "mpt",
+        ("mpt",),
+        build,
+        architectures={"MPTForCausalLM": "mpt", "MptForCausalLM": "mpt"},
+        hf_model_types={"mpt": "mpt"},
+    ),
+)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.hf_config import activation, get, rope_spec
 from rtp_mm.llm.models.weights import Cat, WeightTable, weight_and_bias
 
@@ -118,3 +118,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     if legacy:
         return FamilyModel(spec=spec, table=LEGACY_TABLE, drop=DROP, rename=_legacy_renamer(num_layers))
     return FamilyModel(spec=spec, table=TABLE, drop=DROP)
+
+
+FAMILIES = (
+    Family(
+        "phi",
+        ("phi",),
+        build,
+        architectures={"PhiForCausalLM": "phi", "MixFormerSequentialForCausalLM": "phi"},
+        hf_model_types={"phi": "phi", "phi-msft": "phi", "mixformer-sequential": "phi"},
+    ),
+)

@@ -9,8 +9,9 @@ mask token, so their positions are anchored at the mask's index rather than coun
 - 1D (GLM-130B): plain ``t``, except that for [MASK]/[sMASK] (not [gMASK]) every token from ``<sop>`` on gets the
   mask index.
 
-The engine uses ``bidirectional_len`` for the attention mask, for prefilling the prompt in one chunk and for
-prefix-cache hashes (see ``Request.bidirectional_len``).
+This module is the whole rule: ``layout`` turns a prompt into a ``PromptLayout`` once per request, and the engine,
+scheduler, prefix cache and attention read only that (its ``bidirectional_len`` makes the scheduler prefill the
+prompt in one chunk, the prefix cache key blocks on the whole bidirectional part, and attention unmask it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rtp_mm.errors import InvalidRequest
+from rtp_mm.llm.models.prompt_layout import PromptLayout
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,8 @@ class PrefixLM:
     gmask_id: int
     two_d: bool
 
-    def layout(self, prompt: Sequence[int]) -> tuple[int, int, bool]:
+    def _find(self, prompt: Sequence[int]) -> tuple[int, int, bool]:
         """(index of <sop>, index of the mask token, whether it is [gMASK]); InvalidRequest if the prompt lacks them."""
-        # Called per sequence and step by the runner: index() scans in C without copying the prompt.
         try:
             sop = prompt.index(self.sop_id)
         except ValueError:
@@ -51,12 +52,13 @@ class PrefixLM:
             f"(token id {self.sop_id}, at index {sop})"
         )
 
-    def bidirectional_len(self, prompt: Sequence[int]) -> int:
-        return self.layout(prompt)[0]
-
-    def positions(self, prompt: Sequence[int], start: int, end: int) -> list[int] | list[tuple[int, int]]:
-        """Rotary positions of sequence indices [start, end) (prompt or generated tokens)."""
-        sop, mask, gmask = self.layout(prompt)
+    def prompt_layout(self, prompt: Sequence[int]) -> PromptLayout:
+        """The prompt's layout: bidirectional up to <sop>, GLM positions; InvalidRequest without <sop> or a mask."""
+        sop, mask, gmask = self._find(prompt)
+        n = len(prompt)
         if self.two_d:
-            return [(t, 0) if t < sop else (mask, t - sop + 1) for t in range(start, end)]
-        return [t if t < sop or gmask else mask for t in range(start, end)]
+            positions = tuple((t, 0) if t < sop else (mask, t - sop + 1) for t in range(n))
+            return PromptLayout(positions=positions, bidirectional_len=sop)
+        if gmask:  # GLM-130B [gMASK]: plain positions, generation counts on
+            return PromptLayout(bidirectional_len=sop)
+        return PromptLayout(positions=tuple(t if t < sop else mask for t in range(n)), hold=True, bidirectional_len=sop)

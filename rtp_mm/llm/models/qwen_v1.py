@@ -14,7 +14,7 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models.decoder import DecoderSpec
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.hf_config import get
 from rtp_mm.llm.models.rope import RopeSpec
 from rtp_mm.llm.models.weights import Cat, WeightTable
@@ -100,3 +100,16 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     spec = qwen_spec(config, keys, model_type)
     drop = DROP + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
     return FamilyModel(spec=spec, table=TABLE, drop=drop)
+
+
+FAMILIES = (
+    Family(
+        "qwen",
+        ("qwen_7b", "qwen_13b", "qwen_1b8"),
+        build,
+        architectures={"QWenLMHeadModel": "qwen_7b"},
+        hf_model_types={"qwen": "qwen_7b"},
+        layout="qwen_v1",
+        tokenizer="rtp_mm.tokenizers.qwen:load",  # qwen.tiktoken (the release ships no tokenizer.json)
+    ),
+)

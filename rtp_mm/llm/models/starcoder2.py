@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.family import Family, FamilyModel
 from rtp_mm.llm.models.hf_config import activation, get
-from rtp_mm.llm.models.llama import DROP, P, llama_spec
+from rtp_mm.llm.models.llama_layout import DROP, P, llama_spec
 from rtp_mm.llm.models.weights import Cat, WeightTable, weight_and_bias
 
 TABLE: WeightTable = {
@@ -48,3 +48,14 @@ def build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyMode
     )
     drop = DROP + ((r"lm_head\.weight",) if tied else ())
     return FamilyModel(spec=spec, table=TABLE, drop=drop)
+
+
+FAMILIES = (
+    Family(
+        "starcoder2",
+        ("starcoder2",),
+        build,
+        architectures={"Starcoder2ForCausalLM": "starcoder2"},
+        hf_model_types={"starcoder2": "starcoder2"},
+    ),
+)

@@ -1,7 +1,9 @@
-"""The language model of the three vision MODEL_TYPEs, loaded from their real multimodal checkpoints.
+"""The language models of the three vision families (llava, qwen_vl, chatglm4v), read from their real multimodal
+checkpoints, and the three family declarations.
 
-Each build reuses its text family's builder and recognises the vision tensors by name: they are skipped (one log line
-per load) until the vision encoders land, so a prompt without images runs exactly as the original LM runs it.
+Each build reuses its text family's builder and drops the vision tensors by name: the vision encoder
+(``rtp_mm.vision``, named by the family's ``vision`` entry) reads those itself from the same checkpoint, and the engine
+splices its rows over the prompt's image placeholders (``llm/engine/multimodal.py``).
 
 - ``llava``: the original LLaVA layout (``LlavaLlamaForCausalLM`` and its Mistral/Qwen siblings: the LM's names under
   ``model.``, plus ``model.mm_projector.*``, optional ``model.vision_tower.*`` and ``model.image_newline``, LM fields at
@@ -24,7 +26,8 @@ from typing import Any
 
 from rtp_mm.errors import CheckpointError
 from rtp_mm.llm.models import chatglm, llama, qwen_v1
-from rtp_mm.llm.models.family import FamilyModel
+from rtp_mm.llm.models.chatglm import chatglm_names
+from rtp_mm.llm.models.family import Family, FamilyModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +46,10 @@ _LLAVA_PREFIXES = (
     ("model.language_model.", "model."),  # transformers 5
 )
 
-# text_config.model_type (llava-hf) or the original checkpoint's model_type -> the text family's builder.
-_LLAVA_LMS = {
-    "llama": llama.build,
-    "mistral": llama.build,  # the Llama graph; its sliding window is ignored, as RTP-LLM does
-    "qwen2": llama.qwen2_build,
-    "llava": llama.build,
-    "llava_llama": llama.build,
-    "llava_mistral": llama.build,
-    "llava_qwen": llama.qwen2_build,
-}
+# The LMs LLaVA releases embed, by text_config.model_type (llava-hf) or the original checkpoint's model_type: the Llama
+# graph (Mistral's sliding window is ignored, as RTP-LLM does), or Qwen2 for LLaVA-OneVision.
+_LLAMA_LMS = ("llama", "mistral", "llava", "llava_llama", "llava_mistral")
+_QWEN2_LMS = ("qwen2", "llava_qwen")
 
 
 def llava_rename(name: str) -> str:
@@ -87,7 +84,7 @@ def llava_text_config(config: dict[str, Any]) -> dict[str, Any]:
 def llava_build(config: dict[str, Any], keys: set[str], model_type: str) -> FamilyModel:
     text = llava_text_config(config)
     lm = text.get("model_type") if "text_config" in config else _original_lm(config)
-    build = _LLAVA_LMS.get(lm) if isinstance(lm, str) else None
+    build = llama.build if lm in _LLAMA_LMS else llama.qwen2_build if lm in _QWEN2_LMS else None
     if build is None:
         raise CheckpointError(
             f"config.json model_type={lm!r} is not a LLaVA LM this server reads (llama, mistral, qwen2)"
@@ -132,17 +129,60 @@ def _text_only(
     what: str,
     rename: Callable[[str], str] | None = None,
 ) -> FamilyModel:
-    """``family`` with the vision tensors dropped (and ``rename`` applied first, when given)."""
+    """``family`` with the vision tensors dropped from the LM's load (and ``rename`` applied first, when given)."""
     patterns = [re.compile(p) for p in vision]
     skipped = sum(1 for k in keys if any(p.fullmatch(k) for p in patterns))
     if skipped:
-        logger.info(
-            "%s: skipping %d vision tensors (%s): only the language model is served until the vision encoder lands",
-            model_type,
-            skipped,
-            what,
-        )
+        logger.debug("%s: LM skips %d vision tensors (%s); the vision encoder reads them", model_type, skipped, what)
     changes: dict[str, Any] = {"drop": family.drop + vision}
     if rename is not None:
         changes["rename"] = rename
     return dataclasses.replace(family, **changes)
+
+
+def _is_qwen_vl(config: dict[str, Any]) -> bool:
+    """Qwen-VL shares Qwen-7B's architecture name; its config carries the ``visual`` section."""
+    return "visual" in config or "QWenMLMHeadModel" in (config.get("architectures") or [])
+
+
+FAMILIES = (
+    Family(
+        "llava",
+        ("llava",),
+        llava_build,
+        architectures=dict.fromkeys(
+            (
+                "LlavaLlamaForCausalLM",
+                "LlavaForConditionalGeneration",
+                "LlavaNextForConditionalGeneration",
+                "LlavaMistralForCausalLM",  # LLaVA-NeXT's own repo (llava-v1.6-mistral-7b)
+                "LlavaQwenForCausalLM",  # LLaVA-NeXT's own repo (llava-onevision-qwen2)
+            ),
+            "llava",
+        ),
+        hf_model_types=dict.fromkeys(("llava", "llava_next", "llava_llama", "llava_mistral", "llava_qwen"), "llava"),
+        tokenizer="rtp_mm.tokenizers.llava:load",  # the original LLaVA's <image> -> -200
+        vision="rtp_mm.vision.llava:load_llava",
+    ),
+    Family(
+        "qwen_vl",
+        ("qwen_vl",),
+        qwen_vl_build,
+        architectures={"QWenLMHeadModel": "qwen_vl", "QWenMLMHeadModel": "qwen_vl"},
+        hf_model_types={"qwen": "qwen_vl"},
+        detect=_is_qwen_vl,
+        layout="qwen_v1",
+        tokenizer="rtp_mm.tokenizers.qwen_vl:load",
+        vision="rtp_mm.vision.qwen_vl:load_qwen_vl",
+    ),
+    Family(
+        "chatglm4v",
+        ("chatglm4v",),
+        chatglm4v_build,
+        **chatglm_names("chatglm4v"),
+        detect=lambda config: "vision_config" in config,
+        layout="glm_v2",
+        tokenizer="rtp_mm.tokenizers.glm4:load",  # GLM-4's tokenizer.model is tiktoken, not sentencepiece
+        vision="rtp_mm.vision.chatglm4v:load",
+    ),
+)

@@ -1,5 +1,7 @@
-"""Tokenizer loading without remote code: tokenizer.json / tokenizer_config.json through transformers, or the
-tokenizer embedded in a GGUF file."""
+"""Tokenizer loading without remote code, in this order: the tokenizer embedded in a GGUF file; rtp-mm's adapters
+chosen by ``tokenizer_class`` (original vocabulary files that transformers reads only through remote code); the
+family's own adapter (its declaration's ``tokenizer``, e.g. ChatGLM's ``ice_text.model``, Qwen's ``qwen.tiktoken``);
+tokenizer.json / tokenizer_config.json through transformers."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rtp_mm.errors import ConfigError
+from rtp_mm.llm.models import FAMILIES
+from rtp_mm.llm.models.family import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +59,17 @@ def _cached_gguf_tokenizer(gguf: Path) -> Any:
 
 
 def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
-    """A transformers tokenizer for ``tokenizer_path``; raises ConfigError saying what is missing. ``family`` (the
-    MODEL_TYPE's family) picks rtp-mm's own adapter for original vocabulary files that transformers can only read
-    through remote code (ChatGLM's ``ice_text.model`` / ``tokenizer.model``) when no tokenizer.json is there."""
+    """A tokenizer for ``tokenizer_path``; raises ConfigError saying what is missing. ``family`` (the MODEL_TYPE's
+    family) selects the family's own adapter, tried before transformers."""
     path = Path(tokenizer_path)
     gguf = _gguf_file(path)
     if gguf is not None:
         return _cached_gguf_tokenizer(gguf)
-    if family is not None and path.is_dir():
-        from rtp_mm.tokenizers.glm import load_glm_tokenizer
-
-        adapter = load_glm_tokenizer(path, family)
+    if path.is_dir():
+        adapter = None
+        if family is not None and FAMILIES[family].tokenizer:
+            adapter = resolve(FAMILIES[family].tokenizer)(path)
+        adapter = adapter or _file_adapter(path)
         if adapter is not None:
             return adapter
     if not path.is_dir() or not any((path / f).exists() for f in _TOKENIZER_FILES):
@@ -73,38 +77,37 @@ def load_tokenizer(tokenizer_path: str, family: str | None = None) -> Any:
             f"TOKENIZER_PATH={tokenizer_path!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "point TOKENIZER_PATH at them, or run on token ids only (skip_tokenizer_init=True)"
         )
-    adapter = _legacy_adapter(path, family)
-    if adapter is not None:
-        return adapter
+    return auto_tokenizer(path)
+
+
+def auto_tokenizer(path: Path) -> Any:
+    """transformers' tokenizer of a folder (tokenizer.json / tokenizer_config.json), never with remote code."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
-        raise ConfigError(f"TOKENIZER_PATH={tokenizer_path!r}: the tokenizer failed to load ({e})") from e
-    if family == "llava":  # the original LLaVA's <image> -> -200 (llava-hf tokenizers have the token already)
-        from rtp_mm.tokenizers.llava import with_image_token
-
-        return with_image_token(tokenizer)
-    return tokenizer
+        raise ConfigError(f"TOKENIZER_PATH={str(path)!r}: the tokenizer failed to load ({e})") from e
 
 
-def _legacy_adapter(path: Path, family: str | None = None) -> Any | None:
-    """rtp-mm's own tokenizers for checkpoints whose tokenizer class is remote code (no tokenizer.json shipped)."""
+def _file_adapter(path: Path) -> Any | None:
+    """rtp-mm's tokenizer for original vocabulary files that only remote code reads (no tokenizer.json shipped),
+    whatever the MODEL_TYPE: Qwen v1's qwen.tiktoken, and by tokenizer_config.json's class Baichuan/InternLM
+    sentencepiece or GLM-4's tiktoken."""
     if (path / "tokenizer.json").exists():
         return None
     if (path / "qwen.tiktoken").exists():
         from rtp_mm.tokenizers.qwen import QwenTokenizer
 
-        if family == "qwen_vl":  # same vocabulary file, plus the image/grounding specials and <img> spans
-            from rtp_mm.tokenizers.qwen_vl import QwenVLTokenizer
-
-            return QwenVLTokenizer.from_dir(path)
         return QwenTokenizer.from_dir(path)
+    config_file = path / "tokenizer_config.json"
+    tokenizer_class = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if tokenizer_class == "ChatGLM4Tokenizer":
+        from rtp_mm.tokenizers.glm4 import load
+
+        return load(path)
     from rtp_mm.tokenizers.sentencepiece import SENTENCEPIECE_CLASSES, SentencePieceTokenizer
 
-    config = path / "tokenizer_config.json"
-    tokenizer_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
     if (path / "tokenizer.model").exists() and tokenizer_class in SENTENCEPIECE_CLASSES:
         return SentencePieceTokenizer.from_dir(path)
     return None

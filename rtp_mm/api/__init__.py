@@ -1,0 +1,12 @@
+"""The offline API and the engine client: how Python code and the HTTP server reach the engine.
+
+- ``builder``: configuration -> the engine's parts (model, weight transforms, vision encoder, tokenizer, KV size).
+- ``engine_client.EngineClient``: the one way into a running engine from any thread (submit, stream, cancel, stats).
+- ``llm.LLM``: the thin offline API over one EngineClient (generate, chat, embed, generate_stream).
+- ``prompts.PromptProcessor``: text and chats -> prompt token ids, run by the engine at admission.
+"""
+
+from rtp_mm.api.engine_client import EngineClient, RequestStream
+from rtp_mm.api.llm import LLM
+
+__all__ = ["LLM", "EngineClient", "RequestStream"]

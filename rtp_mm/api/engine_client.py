@@ -1,0 +1,197 @@
+"""EngineClient: the one way into a running engine, from any thread.
+
+It builds the engine on the engine thread (``EngineLoop`` + ``build_engine``) and afterwards never touches engine
+state itself: requests cross the loop's command queue (``submit``, ``cancel``, ``call``) and outputs come back
+through per-request sinks. What it holds for callers is immutable (``info``) or read-only (the tokenizer for token
+texts, the vision model for preprocessing images on the caller's threads). The HTTP server and the offline ``LLM``
+use this class only.
+
+    client = EngineClient(ModelConfig(...), EngineConfig(...))
+    req = client.request("Hello", GenerateConfig(max_new_tokens=8))
+    outs = client.run([req])                    # blocking, any thread
+    stream = client.stream(req)                 # on an event loop: await stream.accepted(); async for out in stream
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rtp_mm.api import embeddings
+from rtp_mm.api.builder import BuiltEngine, ModelInfo, build_engine, check_backends, resolve_model_config
+from rtp_mm.api.prompts import PromptProcessor, refuse_images
+from rtp_mm.config import EngineConfig, ModelConfig
+from rtp_mm.errors import EngineDead, InvalidRequest
+from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
+from rtp_mm.llm.engine.generate_config import GenerateConfig
+from rtp_mm.llm.engine.loop import EngineLoop
+from rtp_mm.llm.engine.multimodal import EncoderInput
+from rtp_mm.llm.engine.request import EngineRequest
+from rtp_mm.model_types import resolve_model_type
+from rtp_mm.vision.inputs import prepare_image
+
+
+class EngineClient:
+    """Thread-safe. Invariant: engine state is only ever touched on the engine thread."""
+
+    def __init__(
+        self, model_config: ModelConfig, engine_config: EngineConfig | None = None, skip_tokenizer_init: bool = False
+    ):
+        engine_config = engine_config or EngineConfig()
+        model_config = resolve_model_config(model_config)
+        check_backends(resolve_model_type(model_config.model_type), engine_config)
+        built: list[BuiltEngine] = []
+
+        def build() -> LLMEngine:  # on the engine thread; the loop's constructor waits for it
+            built.append(build_engine(model_config, engine_config, skip_tokenizer_init))
+            return built[0].engine
+
+        self._loop = EngineLoop(build)
+        parts = built[0]
+        self.info: ModelInfo = parts.info
+        self.tokenizer = parts.tokenizer
+        self.vision = parts.vision
+        self.model = parts.model  # read by work the client runs on the engine thread (embeddings)
+        self.processor = None
+        if parts.tokenizer is not None:
+            self.processor = PromptProcessor(parts.tokenizer, parts.vision, self.info.model_type)
+        self._ids = itertools.count(1)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def request(
+        self, prompt: Any, config: GenerateConfig | None = None, images: Sequence[EncoderInput] = ()
+    ) -> EngineRequest:
+        """A request to submit: ``prompt`` is text, chat messages or token ids; ``images`` come from
+        ``prepare_images``. The config is validated here; the prompt when the engine admits it."""
+        config = config or GenerateConfig()
+        config.validate()
+        if images and self.vision is None:
+            refuse_images(self.info.model_type)
+        if not all(isinstance(image, EncoderInput) for image in images):
+            raise InvalidRequest("images must be prepared with EngineClient.prepare_images")
+        return EngineRequest(next(self._ids), prompt, config, tuple(images))
+
+    def prepare_image(self, image: Any, index: int = 0) -> EncoderInput:
+        """Decode, hash and preprocess one image (a PIL image, encoded bytes or a path) on the calling thread."""
+        if self.vision is None:
+            refuse_images(self.info.model_type)
+        return prepare_image(self.vision, image, index)
+
+    def prepare_images(self, images: Sequence[Any]) -> tuple[EncoderInput, ...]:
+        return tuple(self.prepare_image(image, k) for k, image in enumerate(images))
+
+    def submit(self, requests: EngineRequest | list[EngineRequest], sink: Callable[[RequestOutput], None]) -> None:
+        """Queue ``requests`` (admitted together, between the same two engine steps); every output is passed to
+        ``sink`` on the engine thread, the first of each request being its admission."""
+        self._loop.submit(requests if isinstance(requests, list) else [requests], sink)
+
+    def stream(self, request: EngineRequest) -> RequestStream:
+        """Submit ``request`` and consume its outputs on the running event loop."""
+        return RequestStream(self, request)
+
+    def run(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        """Run every request to completion (batched by the engine); final outputs in request order. Blocking."""
+        results: dict[int, RequestOutput] = {}
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def sink(out: RequestOutput) -> None:
+            if out.finished:
+                with lock:
+                    results[out.request_id] = out
+                    if len(results) == len(requests):
+                        done.set()
+
+        self.submit(requests, sink)
+        while requests and not done.wait(0.5):
+            if not self._loop.alive:
+                raise EngineDead("the engine stopped before the requests finished")
+        outs = [results[r.request_id] for r in requests]
+        for out in outs:
+            if out.error is not None:
+                raise out.error
+        return outs
+
+    def cancel(self, request_id: int) -> None:
+        self._loop.abort(request_id)
+
+    def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 30.0) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        return self._loop.call(fn, timeout)
+
+    # ---- read-only helpers on the caller's thread ---------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        if self.processor is None:
+            raise InvalidRequest("text needs a tokenizer (this engine was built with skip_tokenizer_init=True)")
+        return self.processor.encode(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def embed(self, inputs: Any, is_query: bool = False, case_sensitive: bool = False, attention_mask=None) -> Any:
+        """SGPT sentence embeddings (see ``rtp_mm.api.embeddings``)."""
+        return embeddings.embed(self, inputs, is_query, case_sensitive, attention_mask)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._loop.alive
+
+    def stats(self) -> dict[str, Any]:
+        if not self._loop.alive:
+            raise EngineDead("the engine is not running")
+        return self.call(lambda engine: engine.stats())
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+
+class RequestStream:
+    """The outputs of one submitted request, read on the event loop that created it.
+
+    The engine's first output is the request's admission: ``accepted()`` waits for it and raises the request's
+    error when it was rejected (a server answers that with an HTTP error before any byte of a stream). Iterating
+    yields every later output up to the finished one and raises an error output. ``aclose()`` before the end
+    cancels the request in the engine, which frees its KV blocks at once.
+    """
+
+    def __init__(self, client: EngineClient, request: EngineRequest):
+        loop = asyncio.get_running_loop()
+        self.request_id = request.request_id
+        self._client = client
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._admitted = False
+        self._done = False
+        client.submit(request, lambda out: loop.call_soon_threadsafe(self._queue.put_nowait, out))
+
+    async def accepted(self) -> None:
+        if self._admitted:
+            return
+        out = await self._queue.get()
+        self._admitted = True
+        if out.error is not None:
+            self._done = True
+            raise out.error
+        assert out.accepted, "the engine's first output of a request is its admission"
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        await self.accepted()
+        if self._done:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.error is not None:
+            self._done = True
+            raise out.error
+        self._done = out.finished
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._client.cancel(self.request_id)

@@ -1,0 +1,72 @@
+"""What callers submit, turned into prompt token ids: the engine's prompt processor.
+
+It runs on the engine thread when a request is admitted (so a text request crosses only the event loop and the
+engine thread), and is also called by the offline API for ``encode``/``render_chat``. A prompt is:
+
+- a string: tokenized with the model's special tokens (BOS), no template;
+- a list of chat messages: the model's chat template; image parts (OpenAI ``image_url``, rtp-mm's ``image``) become
+  the vision model's placeholder text, in order, and must pair up with the request's images;
+- token ids: used as given (the engine takes those without calling the processor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtp_mm.errors import EmptyPromptError, InvalidRequest, NotImplementedYetError
+from rtp_mm.model_types import ModelTypeInfo
+from rtp_mm.vision.base import VisionModel
+from rtp_mm.vision.chat import has_image_parts, render_image_parts
+
+
+class PromptProcessor:
+    """Stateless over a tokenizer: safe to call from any thread that may use the tokenizer."""
+
+    def __init__(self, tokenizer: Any, vision: VisionModel | None, model_type: ModelTypeInfo):
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.model_type = model_type
+
+    def __call__(self, prompt: Any, num_images: int = 0) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EmptyPromptError("prompt is empty")
+            return self.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids, num_parts = self.chat_prompt(prompt)
+            if num_parts != num_images:
+                raise InvalidRequest(f"{num_parts} image parts in the messages but {num_images} images were given")
+            return ids
+        raise InvalidRequest(
+            f"prompt must be a string, a list of token ids or a list of chat messages, got {type(prompt).__name__}"
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; send a raw prompt instead")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        encode_chat = getattr(self.tokenizer, "encode_chat", None)
+        if encode_chat is not None:  # rtp-mm's adapters build chat prompts at the id level, as the originals do
+            return list(encode_chat(messages))
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], int]:
+        """Prompt ids of one conversation and its number of image parts (rendered as the model's placeholders)."""
+        if not has_image_parts(messages):
+            return self.chat_ids(messages), 0
+        if self.vision is None:
+            refuse_images(self.model_type)
+        rendered, sources = render_image_parts(messages, self.vision.image_placeholder)
+        return self.chat_ids(rendered), len(sources)
+
+
+def refuse_images(model_type: ModelTypeInfo) -> None:
+    """The error for images sent to a model without a vision encoder."""
+    if model_type.vision:
+        raise NotImplementedYetError(f"MODEL_TYPE={model_type.name}: the vision encoder is not implemented yet")
+    raise InvalidRequest(f"MODEL_TYPE={model_type.name} is a text-only model: images are not accepted")
