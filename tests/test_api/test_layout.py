@@ -90,3 +90,12 @@ def test_startup_from_the_repo_root_imports_this_repo_only_as_rtp_mm(tmp_path):
         and name.split(".")[0] != "rtp_mm"
     }
     assert not foreign, f"modules of this repo imported under a foreign top-level name: {foreign}"
+
+
+def test_no_product_file_is_over_500_lines():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in (ROOT / "rtp_mm").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these by responsibility: {long}"

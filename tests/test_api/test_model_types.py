@@ -6,6 +6,7 @@ checked on the golden checkpoints' real config.json files (read only) and on sma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -344,3 +345,34 @@ def test_read_config_json_invalid(tmp_path: Path, text: str) -> None:
         read_config_json(tmp_path)
     assert "CHECKPOINT_PATH" in str(info.value)
     assert "config.json" in str(info.value)
+
+
+# --- the family table -------------------------------------------------------------------------------------------------
+
+
+def test_every_declared_adapter_and_encoder_resolves():
+    """A family names its tokenizer adapter and vision loader as "module:function": each must import."""
+    from rtp_mm.llm.models import FAMILIES
+    from rtp_mm.llm.models.family import resolve
+
+    for family in FAMILIES.values():
+        for target in filter(None, (family.tokenizer, family.vision)):
+            assert callable(resolve(target)), (family.name, target)
+    assert {f.name for f in FAMILIES.values() if f.vision} == {"llava", "qwen_vl", "chatglm4v"}
+
+
+def test_a_new_family_is_one_declaration():
+    """Declaring a family (here: registering one at run time, as its own file plus one registry line would) makes
+    its MODEL_TYPE resolvable, detectable from a config.json and compatible with its layout."""
+    from rtp_mm.llm.models import FAMILIES, llama
+    from rtp_mm.llm.models.family import Family
+
+    family = Family("tinyllama", ("tiny_llama",), llama.build, architectures={"TinyForCausalLM": "tiny_llama"})
+    family = dataclasses.replace(family, layout="llama")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(FAMILIES, family.name, family)
+        assert resolve_model_type("tiny_llama").family == "tinyllama"
+        assert detect_model_type({"architectures": ["TinyForCausalLM"]}) == "tiny_llama"
+        check_model_type_matches("llama", {"architectures": ["TinyForCausalLM"]}, "/ckpt")  # same layout
+    with pytest.raises(ConfigError, match="tiny_llama"):
+        resolve_model_type("tiny_llama")

@@ -16,31 +16,9 @@ import pytest
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
 from rtp_mm.llm.engine.generate_config import GenerateConfig
-from rtp_mm.llm.engine.model_runner import SampledToken
 from rtp_mm.llm.engine.request import EngineRequest, Request, RequestStatus
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, Scheduler
-
-VOCAB = 32000
-
-
-def fake_token(request_id: int, num_output_tokens: int) -> int:
-    return 1 + (request_id * 31 + num_output_tokens * 17) % 30000
-
-
-class FakeModel:
-    """The runner of a real engine, without a model: the next token of every sampled sequence is ``fake_token``."""
-
-    def __init__(self) -> None:
-        self.on_scheduled = None
-
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        if self.on_scheduled is not None:
-            self.on_scheduled(batch)
-        return [
-            SampledToken(seq.request_id, fake_token(seq.request_id, seq.sampling.num_output_tokens), None)
-            for seq in batch.seqs
-            if seq.sample
-        ]
+from rtp_mm_testing.fake_engine import VOCAB, FakeModel
 
 
 class Harness:
