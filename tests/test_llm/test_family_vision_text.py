@@ -5,7 +5,7 @@ generate must match ours whichever way the checkpoint spells the names (what ``s
 transformers-4 and transformers-5 llava-hf names, the original ``LlavaLlamaForCausalLM`` names). A LLaVA-NeXT with a
 Qwen2 LM checks that the LM follows ``text_config.model_type`` (llava-hf) or ``LlavaQwenForCausalLM`` (original).
 qwen_vl and chatglm4v: the golden ``text_only`` cases (outputs of the original implementations), and GLM-4's
-``rope_ratio`` against transformers' Glm. The images themselves are tested in tests/vision.
+``rope_ratio`` against transformers' Glm. The images themselves are tested in tests/test_vision.
 """
 
 from __future__ import annotations

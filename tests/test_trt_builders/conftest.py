@@ -12,7 +12,7 @@ from rtp_mm_testing.shared import golden
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[str, Path]]:
-    """case -> (vision family, checkpoint folder): tiny llava-1.5 and llava-next written by test_llava's helpers, and
+    """case -> (vision family, checkpoint folder): tiny llava-1.5 and llava-next written by rtp_mm_testing.llava, and
     the golden qwen_vl and glm4v checkpoints."""
     from rtp_mm_testing.llava import processor, save_llava, tiny_llava
 

@@ -1,8 +1,9 @@
-"""ONNX export of every vision family's visual module (tiny llava-1.5 and llava-next built by test_llava, the golden
-qwen_vl and glm4v checkpoints): onnx.checker, onnxruntime against eager torch at batch 1, 3 and 8, the onnxruntime
-backend through the engine's encode stage, a tampered file caught by the check, fp32 export of bf16, external data.
+"""ONNX export of every vision family's visual module (tiny llava-1.5 and llava-next from rtp_mm_testing.llava, the
+golden qwen_vl and glm4v checkpoints): onnx.checker, onnxruntime against eager torch at batch 1, 3 and 8, the
+onnxruntime backend through the engine's encode stage, a tampered file caught by the check, fp32 export of bf16,
+external data.
 
-The eager encoders are themselves checked against transformers / the golden outputs in tests/vision; here eager
+The eager encoders are themselves checked against transformers / the golden outputs in tests/test_vision; here eager
 torch is the oracle of the exported graph, and the pre-refactor ``encode`` body is the oracle of the refactor."""
 
 from __future__ import annotations
