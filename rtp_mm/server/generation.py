@@ -14,9 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rtp_mm.api import EngineRequest, RequestOutput
 from rtp_mm.api.engine_client import EngineClient, RequestStream
-from rtp_mm.llm.engine.engine import RequestOutput
-from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.server.metrics import ServerMetrics
 
 

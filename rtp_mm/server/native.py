@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
+from rtp_mm.api import EngineRequest
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import RtpMmError
-from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.server.body import read_body
 from rtp_mm.server.errors import describe_error
 from rtp_mm.server.generation import RequestGroup

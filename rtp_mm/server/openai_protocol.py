@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtp_mm.api import MAX_LOGPROBS, GenerateConfig, RequestOutput
 from rtp_mm.errors import GenerateConfigError
-from rtp_mm.llm.engine.engine import RequestOutput
-from rtp_mm.llm.engine.generate_config import MAX_LOGPROBS, GenerateConfig
 from rtp_mm.server.errors import InvalidParam
 from rtp_mm.server.protocol import MAX_SEQUENCES_PER_REQUEST
 

@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from rtp_mm.api import EngineRequest, RequestOutput
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import InvalidRequest, RtpMmError
-from rtp_mm.llm.engine.engine import RequestOutput
-from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
 from rtp_mm.server.generation import RequestGroup
 from rtp_mm.server.native import load_images, read_request_body

@@ -25,8 +25,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtp_mm.api import GenerateConfig
 from rtp_mm.errors import EmptyPromptError, ErrorCode, InvalidRequest, NotImplementedYetError
-from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.model_types import ModelTypeInfo
 
 # One HTTP request may fan out into prompts x sequences engine requests; this bounds the fan-out so a single body
