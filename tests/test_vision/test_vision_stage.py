@@ -39,21 +39,30 @@ def test_six_concurrent_requests_batch_the_vit_and_match_each_alone(ckpt):
         llm, alone_llm = tiny_llm(path, MODEL_TYPE), tiny_llm(path, MODEL_TYPE)
     try:
         fake = llm.vision
-        results: dict[int, list[int]] = {}
-        submitted = threading.Barrier(len(prompts) + 1)
+        requests: dict[int, object] = {}
 
-        def one(i: int) -> None:
-            req = llm.make_request(prompts[i], CFG, [images[i]])  # preprocessed here, on the caller's thread
-            submitted.wait()
-            results[i] = llm.client.run([req])[0].token_ids
+        def prepare(i: int) -> None:  # preprocessing runs on the caller's thread
+            requests[i] = llm.make_request(prompts[i], CFG, [images[i]])
 
-        threads = [threading.Thread(target=one, args=(i,), name=f"caller-{i}") for i in range(len(prompts))]
-        with engine_paused(llm.client):  # the six requests reach the engine together
-            for t in threads:
-                t.start()
-            submitted.wait()
+        threads = [threading.Thread(target=prepare, args=(i,), name=f"caller-{i}") for i in range(len(prompts))]
+        for t in threads:
+            t.start()
         for t in threads:
             t.join()
+        finals: dict[int, object] = {}
+        done = threading.Event()
+
+        def sink(out) -> None:
+            if out.finished:
+                finals[out.request_id] = out
+                if len(finals) == len(prompts):
+                    done.set()
+
+        with engine_paused(llm.client):  # six separate submissions, admitted between the same two steps
+            for i in range(len(prompts)):
+                llm.client.submit(requests[i], sink)
+        assert done.wait(60)
+        results = {i: finals[requests[i].request_id].token_ids for i in range(len(prompts))}
         pairs = zip(prompts, images, strict=True)
         alone = [alone_llm.generate([p], CFG, images=[[im]])[0].token_ids for p, im in pairs]
         assert [results[i] for i in range(len(prompts))] == alone
