@@ -21,7 +21,7 @@ from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
 from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
-from rtp_mm.llm.engine.multimodal import EncodeStage
+from rtp_mm.llm.engine.multimodal import EncodeStage, ImageEncoder
 from rtp_mm.llm.engine.scheduler import Scheduler
 from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.models.load import LoadedModel, load_model
@@ -233,7 +233,7 @@ def _load_vision(
 
 def _image_encoder(
     vision: VisionModel, info: ModelTypeInfo, engine_config: EngineConfig, device: str, dtype: torch.dtype
-) -> Any:
+) -> ImageEncoder:
     """The engine's encoder: eager torch, or an onnxruntime/TensorRT engine from the cache in its ``encode``."""
     backend = engine_config.vision_backend
     if backend == "torch":

@@ -13,6 +13,7 @@ thread encodes them in its encode stage, batched with other requests' images.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,7 +138,7 @@ class LLM:
         """Incremental outputs of one prompt; leaving the iterator early cancels the request. Images are
         preprocessed in a worker thread, not on the event loop."""
         if images:
-            req = await _to_thread(self.make_request, prompt, generate_config, images)
+            req = await asyncio.to_thread(self.make_request, prompt, generate_config, images)
         else:
             req = self.make_request(prompt, generate_config)
         async for out in self.stream_request(req):
@@ -190,9 +191,3 @@ def _chat_images(conversation: list[dict[str, Any]]) -> list[Any]:
 def _is_nested(images: Sequence[Any]) -> bool:
     """True when ``images`` is one list of images per prompt (not one prompt's images)."""
     return bool(images) and all(isinstance(x, list | tuple) for x in images)
-
-
-async def _to_thread(fn: Any, *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)

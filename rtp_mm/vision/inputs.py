@@ -56,7 +56,9 @@ def prepare_image(model: VisionModel, image: Any, index: int = 0) -> EncoderInpu
     return EncoderInput(model.preprocess(pil), image_hash(pil))
 
 
-def image_encoder(model: VisionModel, encode_fn: EncodeFn | None = None, max_batch: int = DEFAULT_MAX_BATCH):
+def image_encoder(
+    model: VisionModel, encode_fn: EncodeFn | None = None, max_batch: int = DEFAULT_MAX_BATCH
+) -> ImageEncoder:
     """The engine's view of ``model``: its eager ``encode`` (or a backend's, e.g. TensorRT) and ``expand``."""
     return ImageEncoder(encode=encode_fn or model.encode, expand=model.expand, max_batch=max_batch)
 

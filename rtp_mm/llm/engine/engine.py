@@ -31,8 +31,9 @@ from rtp_mm.llm.models.prompt_layout import PromptLayout
 
 logger = logging.getLogger(__name__)
 
-# The engine's prompt processor: what a caller submitted (text, a chat, ...) -> prompt token ids (rtp_mm.api).
-PromptProcessor = Callable[[Any, int], list[int]]  # (prompt, number of images) -> token ids
+# What a caller submitted (text, a chat, ...) -> prompt token ids; rtp_mm.api.prompts.PromptProcessor is the one the
+# builder hands the engine. (prompt, number of images) -> token ids; runs on the engine thread at admission.
+PromptToIds = Callable[[Any, int], list[int]]
 
 
 class Runner(Protocol):
@@ -85,7 +86,7 @@ class LLMEngine:
         limits: ModelLimits,
         tokenizer: Any | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
-        prompt_processor: PromptProcessor | None = None,
+        prompt_processor: PromptToIds | None = None,
         encode_stage: EncodeStage | None = None,
     ):
         self.runner = runner
