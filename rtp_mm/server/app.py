@@ -33,7 +33,7 @@ from aiohttp import web
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import ConfigError
-from rtp_mm.server import native, openai_routes
+from rtp_mm.server import native, openai_routes, playground
 from rtp_mm.server.errors import Unauthorized, error_middleware
 from rtp_mm.server.images import ImageIntake, ImageLimits, PublicAddressResolver
 from rtp_mm.server.metrics import ServerMetrics
@@ -73,7 +73,7 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     api_key = request.app[SETTINGS_KEY].server.api_key
-    if api_key and request.path not in HEALTH_PATHS:
+    if api_key and request.path not in HEALTH_PATHS and not playground.is_public(request.path):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
@@ -141,6 +141,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
     router.add_post("/chat/completions", openai_routes.handle_chat_completions)  # RTP-LLM's alias
     router.add_post("/v1/completions", openai_routes.handle_completions)
     router.add_post("/v1/embeddings", openai_routes.handle_embeddings)
+    playground.add_routes(router)
     return app
 
 
@@ -151,7 +152,9 @@ def run_server(settings: Settings) -> None:
 
     def announce(_aiohttp_banner: str) -> None:
         # WARNING so that the one start-up line shows under the default LOG_LEVEL=WARNING.
-        logger.warning("rtp-mm serving %s on http://%s:%d", app[ENGINE_KEY].info.model_type.name, host, port)
+        url = f"http://{host}:{port}"
+        name = app[ENGINE_KEY].info.model_type.name
+        logger.warning("rtp-mm serving %s on %s (playground: %s%s)", name, url, url, playground.PATH)
 
     try:
         web.run_app(

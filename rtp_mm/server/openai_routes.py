@@ -133,7 +133,8 @@ def _model_name(request: web.Request, parsed: OpenAIRequest) -> str:
 
 
 async def handle_models(request: web.Request) -> web.Response:
-    info = request.app[ENGINE_KEY].info
+    engine = request.app[ENGINE_KEY]
+    info = engine.info
     model = {
         "id": request.app[MODEL_NAME_KEY],
         "object": "model",
@@ -141,6 +142,8 @@ async def handle_models(request: web.Request) -> web.Response:
         "owned_by": "rtp-mm",
         "root": info.model_config.ckpt_path,
         "max_model_len": info.max_seq_len,
+        "model_type": info.model_type.name,  # rtp-mm's additions (the playground reads them)
+        "vision": engine.vision is not None,
     }
     return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
 

@@ -37,6 +37,8 @@ def test_regular_install_has_only_rtp_mm(tmp_path):
     )
     top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin"}
     assert top == {"rtp_mm"}, top
+    assets = {p.name for p in (target / "rtp_mm" / "server" / "playground").iterdir()}
+    assert assets == {"index.html", "playground.js", "playground.css"}  # package data: the playground ships
     imports = ", ".join(f"rtp_mm.{name}" for name in COMPONENTS)
     code = (
         f"import rtp_mm, {imports}, sys;"
