@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
+
+from rtp_mm_testing.llava import SIZES, image
+from rtp_mm_testing.shared import golden
 
 BATCHES = (1, 3, 8)
 
@@ -48,3 +52,12 @@ def assert_onnx_matches_eager(
         assert err <= tolerance, f"batch {batch}: onnxruntime vs eager max abs error {err:.3g} > {tolerance:g}"
         errors[batch] = err
     return errors
+
+
+def case_images(case: str) -> list[Image.Image]:
+    """Real pictures for an export case: several sizes for llava (llava-next: different tile counts), the golden
+    inputs for qwen_vl and chatglm4v."""
+    if case.startswith("llava"):
+        return [image(size, seed) for seed, size in enumerate(SIZES)]
+    folder = golden("qwen_vl" if case == "qwen_vl" else "glm4v")
+    return [Image.open(folder / f"img{i}.png") for i in range(3)]

@@ -11,7 +11,6 @@ import shutil
 import onnx
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from rtp_mm import LLM, ModelConfig
@@ -19,9 +18,7 @@ from rtp_mm.cli import main as cli_main
 from rtp_mm.model_types import read_config_json
 from rtp_mm.vision.base import load_vision_model
 from rtp_mm_testing.fake_tensorrt import MANIFEST_FIELDS
-from rtp_mm_testing.llava import SIZES, image
-from rtp_mm_testing.onnx_check import assert_onnx_matches_eager
-from rtp_mm_testing.shared import GOLDEN
+from rtp_mm_testing.onnx_check import assert_onnx_matches_eager, case_images
 
 CASES = ["llava-1.5", "llava-next", "qwen_vl", "chatglm4v"]
 
@@ -31,14 +28,6 @@ def build_vit(capsys, family: str, path, cache, *extra: str) -> tuple[int, dict 
     code = cli_main(argv)
     out, err = capsys.readouterr()
     return code, (json.loads(out) if code == 0 else None), err
-
-
-def _images(case: str) -> list[Image.Image]:
-    """Real pictures: several sizes for llava (llava-next: different tile counts), the golden inputs otherwise."""
-    if case.startswith("llava"):
-        return [image(size, seed) for seed, size in enumerate(SIZES)]
-    folder = GOLDEN / ("qwen_vl" if case == "qwen_vl" else "glm4v")
-    return [Image.open(folder / f"img{i}.png") for i in range(3)]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -59,7 +48,7 @@ def test_onnx_only_build_matches_eager_and_is_cached(checkpoints, case, tmp_path
     # tests/test_vision) on real preprocessed images at batch 1, 3 and 8.
     tolerance = 1e-4
     vision = load_vision_model(family, str(path), read_config_json(path), "", "cpu", torch.float32)
-    errors = assert_onnx_matches_eager(vision, onnx_path, _images(case), tolerance)
+    errors = assert_onnx_matches_eager(vision, onnx_path, case_images(case), tolerance)
     # Secondary: the manifest states what the build measured (its own check, on random pixels).
     checks = manifest["export"]["checks"]
     assert [c["batch"] for c in checks] == list(errors) == [1, 3, 8]

@@ -15,7 +15,6 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-from PIL import Image
 
 from rtp_mm.errors import ConfigError
 from rtp_mm.llm.engine.multimodal import EncodeStage
@@ -27,8 +26,7 @@ from rtp_mm.vision.inputs import image_encoder, prepare_image
 from rtp_mm.vision.llava import TiledImage
 from rtp_mm_testing.golden_legacy import golden_case
 from rtp_mm_testing.llava import SIZES, image
-from rtp_mm_testing.onnx_check import assert_onnx_matches_eager
-from rtp_mm_testing.shared import GOLDEN
+from rtp_mm_testing.onnx_check import assert_onnx_matches_eager, case_images
 
 CASES = ["llava-1.5", "llava-next", "qwen_vl", "chatglm4v"]
 TOLERANCE = 1e-4
@@ -52,14 +50,6 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, tuple[VisionModel, onnx
     return out
 
 
-def _images(case: str) -> list[Image.Image]:
-    """Real pictures of several sizes (llava-next: different tile counts)."""
-    if case.startswith("llava"):
-        return [image(size, seed) for seed, size in enumerate(SIZES)]
-    folder = GOLDEN / ("qwen_vl" if case == "qwen_vl" else "glm4v")
-    return [Image.open(folder / f"img{i}.png") for i in range(3)]
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_export_is_valid_onnx_and_matches_eager(exported, case):
     vision, report = exported[case]
@@ -74,12 +64,12 @@ def test_export_is_valid_onnx_and_matches_eager(exported, case):
     assert report.onnx_bytes == report.onnx_path.stat().st_size and not Path(f"{report.onnx_path}.data").exists()
     assert report.pixel_shape == vision.pixel_shape()
     with torch.no_grad():
-        eager = vision.visual_module()(vision.stack([vision.preprocess(im) for im in _images(case)]))
+        eager = vision.visual_module()(vision.stack([vision.preprocess(im) for im in case_images(case)]))
     assert report.output_shape == tuple(eager.shape[1:])
     # The oracle, computed here independently of onnx_export: the file run by onnxruntime directly against the eager
     # visual module (the reference, itself checked against transformers / golden outputs in tests/test_vision) on
     # real preprocessed images at batch 1, 3 and 8.
-    errors = assert_onnx_matches_eager(vision, report.onnx_path, _images(case), TOLERANCE)
+    errors = assert_onnx_matches_eager(vision, report.onnx_path, case_images(case), TOLERANCE)
     # Secondary: the report states what the export measured (its own check, on random pixels).
     assert [c.batch for c in report.checks] == list(errors) == [1, 3, 8]
     for c in report.checks:
@@ -90,7 +80,7 @@ def test_export_is_valid_onnx_and_matches_eager(exported, case):
 def test_onnxruntime_backend_rows_match_eager_encode(exported, case):
     """Real images through stack / onnxruntime / unstack give eager ``encode``'s rows (shape, dtype, values)."""
     vision, report = exported[case]
-    pixels = [vision.preprocess(im) for im in _images(case)]
+    pixels = [vision.preprocess(im) for im in case_images(case)]
     backend = backend_encode_fn(vision, OnnxRuntimeEncoder(report.onnx_path, threads=1))
     for got, expected in zip(backend(pixels), vision.encode(pixels), strict=True):
         assert got.shape == expected.shape and got.dtype == expected.dtype
@@ -122,7 +112,7 @@ def test_encode_is_the_pre_refactor_computation(checkpoints, case, dtype):
     if family != "llava":
         golden_case(path.parent.name)
     vision = _load(family, path, dtype)
-    pixels = [vision.preprocess(im) for im in _images(case)]
+    pixels = [vision.preprocess(im) for im in case_images(case)]
     with torch.inference_mode():
         expected = _pre_refactor_encode(vision, pixels)
     got = vision.encode(pixels)
