@@ -24,6 +24,7 @@ import torch
 
 from rtp_mm.api.embeddings import normalise_prompts
 from rtp_mm.api.engine_client import EngineClient
+from rtp_mm.api.prompts import PromptProcessor
 from rtp_mm.config import EngineConfig, ModelConfig, Settings
 from rtp_mm.errors import InvalidRequest
 from rtp_mm.llm.engine.engine import RequestOutput
@@ -32,6 +33,8 @@ from rtp_mm.llm.engine.request import EngineRequest
 from rtp_mm.vision.chat import has_image_parts, load_source, render_image_parts
 
 MAX_IMAGE_THREADS = 8
+NO_TOKENIZER = "text prompts need a tokenizer (this LLM was built with skip_tokenizer_init=True)"
+NO_TEMPLATE = "this model has no chat template; use generate() with a raw prompt"
 
 
 class LLM:
@@ -58,27 +61,24 @@ class LLM:
         return cls(settings.model, settings.engine, **overrides)
 
     # ---- prompts ----------------------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def _processor(self, missing: str) -> PromptProcessor:
         if self.client.processor is None:
-            raise InvalidRequest("text prompts need a tokenizer (this LLM was built with skip_tokenizer_init=True)")
-        return self.client.processor.encode(text, add_special_tokens)
+            raise InvalidRequest(missing)
+        return self.client.processor
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._processor(NO_TOKENIZER).encode(text, add_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if self.client.processor is None:
-            raise InvalidRequest("this model has no chat template; use generate() with a raw prompt")
-        return self.client.processor.render_chat(messages, add_generation_prompt)
+        return self._processor(NO_TEMPLATE).render_chat(messages, add_generation_prompt)
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Prompt ids of a text-only conversation, through the model's chat template."""
-        if self.client.processor is None:
-            raise InvalidRequest("this model has no chat template; use generate() with a raw prompt")
-        return self.client.processor.chat_ids(messages)
+        return self._processor(NO_TEMPLATE).chat_ids(messages)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
         """Prompt ids of one conversation (image parts rendered as the model's placeholders) and its images."""
-        if self.client.processor is None:
-            raise InvalidRequest("this model has no chat template; use generate() with a raw prompt")
-        ids, _ = self.client.processor.chat_prompt(messages)
+        ids, _ = self._processor(NO_TEMPLATE).chat_prompt(messages)
         return ids, _chat_images(messages)
 
     def make_request(

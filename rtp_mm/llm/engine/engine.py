@@ -109,15 +109,13 @@ class LLMEngine:
         try:
             submitted.config.validate()
             token_ids = self._token_ids(submitted)
-            if self.encode_stage is None:
-                if submitted.images:
+            if submitted.images:
+                if self.encode_stage is None:
                     raise InvalidRequest("this model has no vision encoder: images are not accepted")
-                return [self._admit(submitted, PreparedPrompt(token_ids))]
-            if not submitted.images:  # still checked: a placeholder without its image fails this request alone
-                return [self._admit(submitted, self.encode_stage.encoder.expand(token_ids, [], []))]
-            self.encode_stage.add(submitted.request_id, token_ids, submitted.images)
-            self._encoding[submitted.request_id] = submitted
-            return []
+                self.encode_stage.add(submitted.request_id, token_ids, submitted.images)
+                self._encoding[submitted.request_id] = submitted
+                return []
+            return [self._admit(submitted, self._expand(token_ids, []))]
         except RtpMmError as e:
             return [self._rejected(submitted, e)]
         except Exception as e:  # a fault in preparing this one request must not stop the engine
@@ -147,12 +145,19 @@ class LLMEngine:
         one batch, uncached): the Request the scheduler would get. For tools that drive the runner themselves."""
         submitted.config.validate()
         token_ids = self._token_ids(submitted)
+        if submitted.images and self.encode_stage is None:
+            raise InvalidRequest("this model has no vision encoder: images are not accepted")
+        rows = (
+            self.encode_stage.encoder.encode([image.pixels for image in submitted.images]) if submitted.images else []
+        )
+        return self.make_request(submitted, self._expand(token_ids, rows, submitted.images))
+
+    def _expand(self, token_ids: list[int], rows: list[torch.Tensor], images: tuple = ()) -> PreparedPrompt:
+        """The prompt with its images' rows over their placeholders. A vision model checks every prompt, images or
+        not: a placeholder without its image fails that request alone."""
         if self.encode_stage is None:
-            return self.make_request(submitted, PreparedPrompt(token_ids))
-        encoder = self.encode_stage.encoder
-        rows = encoder.encode([image.pixels for image in submitted.images]) if submitted.images else []
-        hashes = [image.content_hash for image in submitted.images]
-        return self.make_request(submitted, encoder.expand(token_ids, rows, hashes))
+            return PreparedPrompt(token_ids)
+        return self.encode_stage.encoder.expand(token_ids, rows, [image.content_hash for image in images])
 
     def make_request(self, submitted: EngineRequest, prepared: PreparedPrompt) -> Request:
         """Validate a prompt (images already expanded) and build its Request; raises InvalidRequest subclasses."""
