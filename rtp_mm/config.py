@@ -240,6 +240,7 @@ class ServerConfig:
     image_local_dir: str = ""  # local image paths are read only from inside this folder
     image_fetch_timeout_s: float = 10.0  # whole fetch of one remote image, redirects included
     shutdown_timeout_s: float = 60.0  # graceful shutdown: how long in-flight requests may still run
+    client_timeout_s: float = 60.0  # a request body must arrive within this; idle keep-alive connections close
 
     def __post_init__(self) -> None:
         port = self.start_port
@@ -247,7 +248,7 @@ class ServerConfig:
             raise ConfigError(f"START_PORT={self.start_port!r} must be a port number between 0 and 65535")
         for name in ("max_body_mb", "image_max_count", "image_max_mb", "image_max_pixels"):
             _check_int(getattr(self, name), name.upper(), minimum=1)
-        for name in ("image_fetch_timeout_s", "shutdown_timeout_s"):
+        for name in ("image_fetch_timeout_s", "shutdown_timeout_s", "client_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name.upper()}={value!r} must be a number of seconds > 0")
@@ -407,6 +408,7 @@ class _EnvParser:
             image_local_dir=self.path("IMAGE_LOCAL_DIR", must_be_dir=True),
             image_fetch_timeout_s=self.integer("IMAGE_FETCH_TIMEOUT_S", 10, minimum=1),
             shutdown_timeout_s=self.integer("SHUTDOWN_TIMEOUT_S", 60, minimum=1),
+            client_timeout_s=self.integer("CLIENT_TIMEOUT_S", 60, minimum=1),
         )
 
     def settings(self) -> Settings:

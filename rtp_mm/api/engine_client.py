@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from rtp_mm.api import embeddings
 from rtp_mm.api.builder import BuiltEngine, ModelInfo, build_engine, check_backends, resolve_model_config
 from rtp_mm.api.prompts import PromptProcessor, refuse_images
 from rtp_mm.config import EngineConfig, ModelConfig
-from rtp_mm.errors import EngineDead, InvalidRequest
+from rtp_mm.errors import EngineDead, InvalidRequest, RtpMmError
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.loop import EngineLoop
@@ -59,6 +60,9 @@ class EngineClient:
         if parts.tokenizer is not None:
             self.processor = PromptProcessor(parts.tokenizer, parts.vision, self.info.model_type)
         self._ids = itertools.count(1)
+        # Unfinished streams, for fail_streams. Weak: a stream its consumer dropped unread must not stay here.
+        self._streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()
+        self._streams_lock = threading.Lock()  # streams are opened and finished on any event loop's thread
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def request(
@@ -118,6 +122,16 @@ class EngineClient:
     def cancel(self, request_id: int) -> None:
         self._loop.abort(request_id)
 
+    def fail_streams(self, error: RtpMmError) -> int:
+        """End every unfinished stream read on the running event loop with ``error`` and cancel its request in the
+        engine (its KV blocks are freed at once); returns how many it failed now. A consumer reads ``error`` as the
+        stream's next output, from ``accepted()`` or the iteration, as any engine error. For a server whose shutdown
+        timeout ran out: a server's loop reads its own requests only, so other loops' streams and ``run()`` go on."""
+        loop = asyncio.get_running_loop()
+        with self._streams_lock:
+            streams = [stream for stream in self._streams if stream._loop is loop]
+        return sum(stream._fail(error) for stream in streams)
+
     def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 30.0) -> Any:
         """Run ``fn(engine)`` on the engine thread between steps and return its result."""
         return self._loop.call(fn, timeout)
@@ -155,17 +169,22 @@ class RequestStream:
     The engine's first output is the request's admission: ``accepted()`` waits for it and raises the request's
     error when it was rejected (a server answers that with an HTTP error before any byte of a stream). Iterating
     yields every later output up to the finished one and raises an error output. ``aclose()`` before the end
-    cancels the request in the engine, which frees its KV blocks at once.
+    cancels the request in the engine, which frees its KV blocks at once; so does ``EngineClient.fail_streams``,
+    which ends the stream with an error instead.
     """
 
     def __init__(self, client: EngineClient, request: EngineRequest):
         loop = asyncio.get_running_loop()
         self.request_id = request.request_id
         self._client = client
+        self._loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._admitted = False
         self._done = False
+        self._failed = False  # by fail_streams: its error is queued and the engine request cancelled
         client.submit(request, lambda out: loop.call_soon_threadsafe(self._queue.put_nowait, out))
+        with client._streams_lock:
+            client._streams.add(self)
 
     async def accepted(self) -> None:
         if self._admitted:
@@ -173,7 +192,7 @@ class RequestStream:
         out = await self._queue.get()
         self._admitted = True
         if out.error is not None:
-            self._done = True
+            self._finish()
             raise out.error
         assert out.accepted, "the engine's first output of a request is its admission"
 
@@ -186,12 +205,29 @@ class RequestStream:
             raise StopAsyncIteration
         out = await self._queue.get()
         if out.error is not None:
-            self._done = True
+            self._finish()
             raise out.error
-        self._done = out.finished
+        if out.finished:
+            self._finish()
         return out
 
     async def aclose(self) -> None:
         if not self._done:
-            self._done = True
-            self._client.cancel(self.request_id)
+            self._finish()
+            if not self._failed:
+                self._client.cancel(self.request_id)
+
+    def _finish(self) -> None:
+        self._done = True
+        with self._client._streams_lock:
+            self._client._streams.discard(self)
+
+    def _fail(self, error: RtpMmError) -> bool:
+        """On the stream's loop: ``error`` becomes its next output after those already queued; the engine request
+        is cancelled (later outputs of it, if any, are never read)."""
+        if self._done or self._failed:
+            return False
+        self._failed = True
+        self._queue.put_nowait(RequestOutput(self.request_id, "", "", [], 0, True, "error", None, {}, error=error))
+        self._client.cancel(self.request_id)
+        return True

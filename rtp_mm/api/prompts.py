@@ -42,6 +42,10 @@ class PromptProcessor:
         )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: tokenizers raise a bare TypeError on it
+            raise InvalidRequest(f"the prompt is not valid Unicode text (at character {e.start}: {e.reason})") from None
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:

@@ -6,14 +6,19 @@
     with BackgroundServer(app) as url: ...     # serve on a free loopback port from a thread (tests, load script)
 
 State lives under typed ``web.AppKey``s (``state``); one cleanup context owns the engine (when the app loaded it),
-the image-decoding thread pool and the image-fetch session. Handlers are thin (``native``, ``openai_routes``);
-parsing and shapes live in ``protocol`` / ``openai_protocol``, the mapping of errors to statuses in ``errors``.
+the image-decoding thread pool and the image-fetch session. Handlers are thin (``native``, ``openai_routes``); body
+reading, images and concurrency slots are ``intake``; the typed wire models (pydantic) and response shapes live in
+``protocol`` / ``openai_protocol`` and describe themselves at ``/openapi.json`` (``openapi``); the mapping of errors
+to statuses is ``errors``.
 
 Middlewares, outermost first: metrics (requests by route and status), errors (typed errors to JSON bodies), auth
-(with ``API_KEY`` set, every route but the health probes needs ``Authorization: Bearer <API_KEY>``). With
+(with ``API_KEY`` set, every route but the health probes, ``/openapi.json`` and the playground page needs
+``Authorization: Bearer <API_KEY>``), and innermost,
+appended by ``shutdown.install``, the count of requests in flight that shutdown waits for. With
 ``handler_cancellation`` on (``run_server``, ``BackgroundServer``), a client that goes away cancels its handler and
 so its engine requests, whose KV blocks are freed at once. Shutdown (SIGINT/SIGTERM) stops accepting connections,
-lets in-flight requests finish for up to ``SHUTDOWN_TIMEOUT_S``, then stops the engine.
+lets in-flight requests finish for up to ``SHUTDOWN_TIMEOUT_S``, fails what still runs (streams end with their error
+event), then stops the engine (``shutdown``).
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from aiohttp import web
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import ConfigError
-from rtp_mm.server import native, openai_routes, playground
+from rtp_mm.server import native, openai_routes, openapi, playground, shutdown
 from rtp_mm.server.errors import Unauthorized, error_middleware
-from rtp_mm.server.images import ImageIntake, ImageLimits, PublicAddressResolver
+from rtp_mm.server.images import ImageIntake, ImageLimits, make_fetch_connector
 from rtp_mm.server.metrics import ServerMetrics
 from rtp_mm.server.state import (
     ENGINE_KEY,
@@ -70,14 +75,28 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
         request.app[METRICS_KEY].observe_response(route, status)
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (RFC 7235: the scheme is case-insensitive and any run
+    of spaces or tabs separates it from the token)."""
+    parts = header.strip(" \t").split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        return None
+    return parts[1].strip(" \t")
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     api_key = request.app[SETTINGS_KEY].server.api_key
-    if api_key and request.path not in HEALTH_PATHS and not playground.is_public(request.path):
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    public = request.path in HEALTH_PATHS or request.path == openapi.PATH or playground.is_public(request.path)
+    if api_key and not public:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if token is None or not hmac.compare_digest(token.encode(), api_key.encode()):
             raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
     return await handler(request)
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi.openapi_document())
 
 
 def _model_name(engine: EngineClient) -> str:
@@ -98,7 +117,7 @@ def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
         pool = ThreadPoolExecutor(IMAGE_DECODE_THREADS, thread_name_prefix="rtp-mm-image")
         session = None
         if limits.url_hosts:
-            connector = aiohttp.TCPConnector(resolver=PublicAddressResolver())
+            connector = make_fetch_connector()
             session = aiohttp.ClientSession(connector=connector, headers={"User-Agent": "rtp-mm"})
         # A vision model's images are hashed and preprocessed in the same pool job that decodes them.
         prepare = engine.prepare_image if engine.vision is not None else None
@@ -128,6 +147,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
     app[LIMITER_KEY] = ConcurrencyLimiter(settings.engine.concurrency_limit)
     app[METRICS_KEY] = ServerMetrics()
     app.cleanup_ctx.append(_resources(engine, owns_engine))
+    shutdown.install(app)
     router = app.router
     router.add_post("/", native.handle_generate)
     router.add_get("/", native.handle_home)
@@ -141,6 +161,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
     router.add_post("/chat/completions", openai_routes.handle_chat_completions)  # RTP-LLM's alias
     router.add_post("/v1/completions", openai_routes.handle_completions)
     router.add_post("/v1/embeddings", openai_routes.handle_embeddings)
+    router.add_get(openapi.PATH, handle_openapi)
     playground.add_routes(router)
     return app
 
@@ -163,8 +184,9 @@ def run_server(settings: Settings) -> None:
             port=port,
             print=announce,
             handler_cancellation=True,
-            shutdown_timeout=settings.server.shutdown_timeout_s,
+            shutdown_timeout=shutdown.HANDLER_GRACE_S,  # SHUTDOWN_TIMEOUT_S is waited in shutdown.drain
             access_log_format=ACCESS_LOG_FORMAT,
+            keepalive_timeout=settings.server.client_timeout_s,  # idle connections close after CLIENT_TIMEOUT_S
         )
     except OSError as e:
         raise ConfigError(f"START_PORT={port}: cannot listen on {host}:{port} ({e})") from e
@@ -172,10 +194,11 @@ def run_server(settings: Settings) -> None:
 
 class BackgroundServer:
     """Serves ``app`` on its own event-loop thread, as ``run_server`` does (handler cancellation, access log,
-    graceful shutdown). ``start()`` returns the base URL; ``stop()`` shuts down gracefully."""
+    graceful shutdown). ``start()`` returns the base URL; ``stop()`` shuts down gracefully, within the
+    ``shutdown_timeout_s`` of the app's settings (``SHUTDOWN_TIMEOUT_S``)."""
 
-    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 60.0):
-        self.app, self.host, self.port, self.shutdown_timeout = app, host, port, shutdown_timeout
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+        self.app, self.host, self.port = app, host, port
         self.url = ""
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -216,7 +239,8 @@ class BackgroundServer:
             self.app,
             handler_cancellation=True,
             access_log_format=ACCESS_LOG_FORMAT,
-            shutdown_timeout=self.shutdown_timeout,
+            shutdown_timeout=shutdown.HANDLER_GRACE_S,  # SHUTDOWN_TIMEOUT_S is waited in shutdown.drain
+            keepalive_timeout=self.app[SETTINGS_KEY].server.client_timeout_s,
         )
         await runner.setup()
         try:

@@ -11,6 +11,7 @@ exception                                  HTTP   why
 ``CapacityExceeded`` (513)                 409    as RTP-LLM: more than CONCURRENCY_LIMIT requests in flight
 ``PayloadTooLarge`` (507)                  413    body, image bytes or image pixels over their limits
 ``UnprocessableImage`` (507)               422    image data that is not a decodable image, a failed fetch
+``ClientTimeout`` (507)                    408    the body did not arrive within CLIENT_TIMEOUT_S (a slow client)
 ``InvalidRequest`` and subclasses          400    bad JSON, wrong types (507), no/empty prompt (509/510), prompt
                                                   too long (511), bad stop words (512), bad generate_config (516)
 ``RequestTimeout`` (603)                   504    the request's own ``timeout_ms`` ran out while generating;
@@ -78,12 +79,17 @@ class UnprocessableImage(InvalidRequest):
         self.param = param
 
 
+class ClientTimeout(InvalidRequest):
+    """The client was too slow to send its request (408; a generation that runs out of time is 504)."""
+
+
 # Checked in order, so subclasses come before their bases.
 _STATUS_BY_ERROR: tuple[tuple[type[RtpMmError], int], ...] = (
     (Unauthorized, 401),
     (CapacityExceeded, 409),
     (PayloadTooLarge, 413),
     (UnprocessableImage, 422),
+    (ClientTimeout, 408),
     (InvalidRequest, 400),
     (RequestTimeout, 504),
     (RequestCancelled, 499),

@@ -4,9 +4,10 @@ A reference is a string (native ``images`` entries, OpenAI ``image_url.url``):
 
 * ``data:image/<fmt>;base64,<...>`` or bare base64: decoded here;
 * ``upload://<part name>``: a file part of the same multipart/form-data request;
-* ``http(s)://...``: fetched only when ``IMAGE_URL_HOSTS`` allow-lists the host ("*": any host). Every address the
-  host resolves to, on every redirect hop, must be a public one (no loopback, private, link-local or reserved
-  ranges: a server-side request forgery guard), at most ``MAX_REDIRECTS`` hops, ``IMAGE_MAX_MB`` bytes and
+* ``http(s)://...``: fetched only when ``IMAGE_URL_HOSTS`` allow-lists the host ("*": any host), compared in the
+  normalised form the HTTP client connects to. Every address the host resolves to and every address connected to,
+  on every redirect hop, must be a public one (no loopback, private, link-local or reserved ranges: a server-side
+  request forgery guard, see ``url_guard``), at most ``MAX_REDIRECTS`` hops, ``IMAGE_MAX_MB`` bytes and
   ``IMAGE_FETCH_TIMEOUT_S`` seconds in all;
 * a local path: read only when ``IMAGE_LOCAL_DIR`` is set, and only from inside that folder (symlinks resolved).
 
@@ -21,23 +22,25 @@ import asyncio
 import base64
 import binascii
 import io
-import ipaddress
-import socket
+import re
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from PIL import Image
+from yarl import URL
 
 from rtp_mm.config import ServerConfig
 from rtp_mm.errors import InvalidRequest
+from rtp_mm.server import url_guard
 from rtp_mm.server.errors import PayloadTooLarge, UnprocessableImage
+from rtp_mm.server.url_guard import PublicAddressResolver, make_fetch_connector
+
+__all__ = ["ImageIntake", "ImageLimits", "PublicAddressResolver", "decode_image", "make_fetch_connector"]
 
 UPLOAD_SCHEME = "upload://"
 MAX_REDIRECTS = 3
@@ -65,31 +68,8 @@ class ImageLimits:
         )
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-class PublicAddressResolver(AbstractResolver):
-    """Resolves like aiohttp but refuses hosts with any non-public address. The connection uses exactly the addresses
-    checked here, so a DNS answer cannot change between the check and the connect (DNS rebinding)."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        blocked = sorted({r["host"] for r in results if not _is_public(r["host"])})
-        if blocked:
-            raise UnprocessableImage(f"image host {host!r} resolves to non-public address(es) {blocked}", "image_url")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
+def _is_public(address: str) -> bool:  # the predicate's old name, for existing callers
+    return url_guard.is_public_address(address)
 
 
 class ImageIntake:
@@ -109,6 +89,7 @@ class ImageIntake:
         self.executor = executor
         self.session = session
         self.prepare = prepare
+        self._allowed_hosts = {url_guard.normalise_allowed_host(h) for h in limits.url_hosts}
 
     async def load(self, refs: list[str], uploads: dict[str, bytes]) -> list[Any]:
         """Decoded images (or, with ``prepare``, the encoder inputs), in order."""
@@ -117,7 +98,8 @@ class ImageIntake:
         blobs = [await self._bytes(i, ref, uploads) for i, ref in enumerate(refs)]
         unused = set(uploads) - {r[len(UPLOAD_SCHEME) :] for r in refs}
         if unused:
-            raise InvalidRequest(f"uploaded part(s) {sorted(unused)} are not referenced as upload://<name>")
+            names = ", ".join(repr(n[:64]) for n in sorted(unused)[:5]) + (", ..." if len(unused) > 5 else "")
+            raise InvalidRequest(f"{len(unused)} uploaded part(s) ({names}) are not referenced as upload://<name>")
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self.executor, self._decode, b, i) for i, b in enumerate(blobs)]
         return list(await asyncio.gather(*jobs))
@@ -158,15 +140,21 @@ class ImageIntake:
         return data
 
     def _read_local(self, index: int, ref: str) -> bytes:
+        shown = ref if len(ref) <= 200 else ref[:200] + "..."
+        if "\x00" in ref:  # the OS cannot take it (Python raises ValueError)
+            raise InvalidRequest(f"image {index}: path {shown!r} contains a NUL byte")
         root = Path(self.limits.local_dir).resolve()
-        path = (root / ref).resolve()  # an absolute ref replaces root; either way it must land inside root
-        if not path.is_relative_to(root):
-            raise InvalidRequest(f"image {index}: path {ref!r} is outside IMAGE_LOCAL_DIR")
-        if not path.is_file():
-            raise InvalidRequest(f"image {index}: no file {ref!r} in IMAGE_LOCAL_DIR")
-        if path.stat().st_size > self.limits.max_bytes:
-            raise PayloadTooLarge(f"image {index}: {ref!r} is larger than IMAGE_MAX_MB")
-        return path.read_bytes()
+        try:
+            path = (root / ref).resolve()  # an absolute ref replaces root; either way it must land inside root
+            if not path.is_relative_to(root):
+                raise InvalidRequest(f"image {index}: path {shown!r} is outside IMAGE_LOCAL_DIR")
+            if not path.is_file():
+                raise InvalidRequest(f"image {index}: no file {shown!r} in IMAGE_LOCAL_DIR")
+            if path.stat().st_size > self.limits.max_bytes:
+                raise PayloadTooLarge(f"image {index}: {shown!r} is larger than IMAGE_MAX_MB")
+            return path.read_bytes()
+        except OSError as e:  # a name too long, a file that cannot be read: the request's fault, not the server's
+            raise InvalidRequest(f"image {index}: cannot read {shown!r} in IMAGE_LOCAL_DIR ({e.strerror})") from None
 
     async def _fetch(self, index: int, url: str) -> bytes:
         if self.session is None or not self.limits.url_hosts:
@@ -178,39 +166,61 @@ class ImageIntake:
                 f"image {index}: fetching {url!r} took more than {self.limits.fetch_timeout_s} s", "image_url"
             ) from None
         except aiohttp.ClientError as e:
-            raise UnprocessableImage(f"image {index}: fetching {url!r} failed: {e}", "image_url") from None
+            raise UnprocessableImage(f"image {index}: fetching {url!r} failed: {_describe(e)}", "image_url") from None
 
-    async def _fetch_following_redirects(self, index: int, url: str) -> bytes:
+    async def _fetch_following_redirects(self, index: int, url: str | URL) -> bytes:
         assert self.session is not None
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_host(index, url)
-            async with self.session.get(url, allow_redirects=False) as resp:
+            # The parsed URL that was checked is the one requested: no second parse can see another host.
+            target = self._check_host(index, url)
+            shown = str(target)
+            async with self.session.get(target, allow_redirects=False) as resp:
                 if resp.status in _REDIRECT_STATUSES and "Location" in resp.headers:
-                    url = urljoin(url, resp.headers["Location"])
+                    try:
+                        url = target.join(URL(resp.headers["Location"]))
+                    except ValueError:
+                        raise UnprocessableImage(
+                            f"image {index}: {shown!r} redirected to an invalid URL", "image_url"
+                        ) from None
                     continue
                 if resp.status != 200:
-                    raise UnprocessableImage(f"image {index}: {url!r} answered HTTP {resp.status}", "image_url")
+                    raise UnprocessableImage(f"image {index}: {shown!r} answered HTTP {resp.status}", "image_url")
                 data = bytearray()
                 async for chunk in resp.content.iter_chunked(1 << 16):
                     data += chunk
                     if len(data) > self.limits.max_bytes:
-                        raise PayloadTooLarge(f"image {index}: {url!r} is larger than IMAGE_MAX_MB")
+                        raise PayloadTooLarge(f"image {index}: {shown!r} is larger than IMAGE_MAX_MB")
                 return bytes(data)
         raise UnprocessableImage(f"image {index}: more than {MAX_REDIRECTS} redirects", "image_url")
 
-    def _check_host(self, index: int, url: str) -> None:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        if parts.scheme not in ("http", "https") or not host:
-            raise InvalidRequest(f"image {index}: {url!r} is not an http(s) URL")
-        if "*" not in self.limits.url_hosts and host not in self.limits.url_hosts:
-            raise InvalidRequest(f"image {index}: host {host!r} is not in IMAGE_URL_HOSTS")
+    def _check_host(self, index: int, url: str | URL) -> URL:
+        """The URL to request, once its host, as the HTTP client will read it (IDNA-mapped, IP literals in any
+        notation parsed), is allow-listed and not a non-public address. Called on every redirect hop."""
         try:
-            literal = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            return  # a name: its addresses are checked by PublicAddressResolver when connecting
-        if not _is_public(str(literal)):
-            raise UnprocessableImage(f"image {index}: {host!r} is a non-public address", "image_url")
+            target, host = url_guard.normalise_url(url)
+        except url_guard.BadUrl as e:
+            raise InvalidRequest(f"image {index}: {e}") from None
+        if "*" not in self._allowed_hosts and str(host) not in self._allowed_hosts:
+            raise InvalidRequest(f"image {index}: host {str(host)!r} is not in IMAGE_URL_HOSTS")
+        try:
+            url_guard.check_public_host(host)
+        except url_guard.NonPublicHost as e:
+            raise UnprocessableImage(f"image {index}: {e}", "image_url") from None
+        return target
+
+
+def _describe(error: aiohttp.ClientError) -> str:
+    """A client error in words: no reprs of objects (connection keys, SSL contexts) reach the error body."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if url_guard.is_refused_connection(error.os_error):
+            return f"connecting to {error.host} reached a non-public address (refused)"
+        return f"cannot connect to {error.host}:{error.port} ({error.os_error.strerror or 'connection failed'})"
+    text = str(error)
+    plain = text and not _REPR.search(text)
+    return f"{type(error).__name__}: {text}" if plain else type(error).__name__
+
+
+_REPR = re.compile(r"<|>|\b0x[0-9a-fA-F]{4,}|\b[A-Za-z_]\w*\(")
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -232,11 +242,10 @@ def _data_url_bytes(index: int, ref: str) -> bytes:
 
 def decode_image(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
     """Decode to RGB. Runs in a worker thread. The pixel limit is checked on the header, before decoding."""
-    undecodable = (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, SyntaxError, ValueError)
     try:
         image = Image.open(io.BytesIO(data))
-    except undecodable as e:
-        raise UnprocessableImage(f"image {index} is not a decodable image ({type(e).__name__}: {e})") from None
+    except _UNDECODABLE as e:
+        raise _decode_error(index, e) from None
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
@@ -245,5 +254,18 @@ def decode_image(data: bytes, max_pixels: int, index: int = 0) -> Image.Image:
     try:
         image.load()
         return image.convert("RGB")
-    except undecodable as e:
-        raise UnprocessableImage(f"image {index} is not a decodable image ({type(e).__name__}: {e})") from None
+    except _UNDECODABLE as e:
+        raise _decode_error(index, e) from None
+
+
+_UNDECODABLE = (Image.DecompressionBombError, Image.UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def _decode_error(index: int, error: Exception) -> Exception:
+    if isinstance(error, Image.DecompressionBombError):  # PIL's own pixel limit, met before ours: too large
+        return PayloadTooLarge(f"image {index} has more pixels than the decoder's decompression-bomb limit")
+    if isinstance(error, Image.UnidentifiedImageError):  # its message shows the buffer's repr and heap address
+        return UnprocessableImage(f"image {index} is not a decodable image (unknown format)")
+    text = str(error)
+    detail = f"{type(error).__name__}: {text}" if text and not _REPR.search(text) else type(error).__name__
+    return UnprocessableImage(f"image {index} is not a decodable image ({detail})")

@@ -1,12 +1,10 @@
 """Handlers of RTP-LLM's native routes (behaviour reference, section 1.1): ``POST /`` (JSON or SSE), ``GET /``, the
 health probes, ``GET /worker_status`` and ``POST /tokenizer/encode``. Parsing and shapes live in ``protocol``.
 
-Every generation request holds one slot of the in-flight counter from before its images are loaded until its
-response (or stream) is finished, failed or cancelled; a request beyond ``CONCURRENCY_LIMIT`` gets 409/513.
+Every generation request holds one slot of the in-flight counter per sequence from before its images are loaded until
+its response (or stream) is finished, failed or cancelled; a request beyond ``CONCURRENCY_LIMIT`` gets 409/513.
 
-Path of a request: the event loop parses the body; images (if any) are decoded, hashed and preprocessed in the image
-pool; the engine thread tokenizes, encodes the images, admits, prefills and decodes; outputs come back to the event
-loop. Prompts are never tokenized here (docs/ARCHITECTURE.md, "The path of a request").
+Body reading, images and concurrency slots come from ``intake``, shared with the OpenAI routes.
 """
 
 from __future__ import annotations
@@ -21,42 +19,24 @@ from aiohttp import web
 from rtp_mm.api import EngineRequest
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import RtpMmError
-from rtp_mm.server.body import read_body
 from rtp_mm.server.errors import describe_error
 from rtp_mm.server.generation import RequestGroup
+from rtp_mm.server.intake import load_images, read_body, sequence_slots
 from rtp_mm.server.protocol import (
     STREAM_DONE,
     NativeRequest,
     SequenceView,
-    check_images,
     dumps,
     native_image_groups,
     native_image_refs,
-    parse_json_body,
     parse_native_request,
     response_body,
     stream_event,
     tokenizer_encode_body,
 )
-from rtp_mm.server.state import ENGINE_KEY, IMAGES_KEY, LIMITER_KEY, METRICS_KEY, SETTINGS_KEY
+from rtp_mm.server.state import ENGINE_KEY, LIMITER_KEY, METRICS_KEY
 
 logger = logging.getLogger(__name__)
-
-
-async def read_request_body(request: web.Request) -> tuple[dict[str, Any], dict[str, bytes]]:
-    server = request.app[SETTINGS_KEY].server
-    return await read_body(request, server.max_body_mb * 2**20, server.image_max_mb * 2**20)
-
-
-async def load_images(request: web.Request, refs: list[Any], uploads: dict[str, bytes]) -> list[Any]:
-    """Decode every image (limits checked) and prepare it for the encoder, then refuse them if the model cannot
-    take images."""
-    if not refs and not uploads:
-        return []
-    images = await request.app[IMAGES_KEY].load(refs, uploads)
-    engine = request.app[ENGINE_KEY]
-    check_images(len(images), engine.info.model_type, engine.vision is not None)
-    return images
 
 
 def _make_requests(engine: EngineClient, native: NativeRequest, images: list[Any]) -> list[EngineRequest]:
@@ -77,9 +57,9 @@ def _empty_views(native: NativeRequest) -> list[list[SequenceView]]:
 
 async def handle_generate(request: web.Request) -> web.StreamResponse:
     app = request.app
-    body, uploads = await read_request_body(request)
+    body, uploads = await read_body(request)
     native = parse_native_request(body)
-    with app[LIMITER_KEY].slot():
+    with sequence_slots(request, native.total_sequences):
         images = await load_images(request, native_image_refs(native), uploads)
         requests = _make_requests(app[ENGINE_KEY], native, images)
         async with RequestGroup(app[ENGINE_KEY], requests, app[METRICS_KEY]) as group:
@@ -159,7 +139,8 @@ def _encode_with_tokens(engine: EngineClient, prompt: str) -> dict:
 
 
 async def handle_tokenizer_encode(request: web.Request) -> web.Response:
-    prompt = tokenizer_encode_body(parse_json_body(await request.read()))
+    body, _ = await read_body(request)
+    prompt = tokenizer_encode_body(body)
     body = await asyncio.to_thread(_encode_with_tokens, request.app[ENGINE_KEY], prompt)
     return web.json_response(body, dumps=dumps)
 

@@ -16,48 +16,139 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag
 
 from rtp_mm.api import MAX_LOGPROBS, GenerateConfig, RequestOutput
 from rtp_mm.errors import GenerateConfigError
 from rtp_mm.server.errors import InvalidParam
 from rtp_mm.server.protocol import MAX_SEQUENCES_PER_REQUEST
+from rtp_mm.server.wire import validated
+from rtp_mm.validation import FieldError
 
 MAX_N = 128
 MAX_STOP = 16
-_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "observation")
-_COMMON = frozenset(
-    {
-        "model",
-        "temperature",
-        "top_p",
-        "n",
-        "stop",
-        "stream",
-        "stream_options",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "logit_bias",
-        "user",
-        "extra_configs",
-        "max_tokens",
-    }
-)
-CHAT_FIELDS = _COMMON | {
-    "messages",
-    "max_completion_tokens",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-    "tools",
-    "tool_choice",
-    "metadata",
-    "store",
-    "service_tier",
-    "parallel_tool_calls",
-}
-COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "suffix", "best_of"}
+MAX_TOKENS = 2**31 - 1
+_Role = Literal["system", "developer", "user", "assistant", "tool", "function", "observation"]
+_Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+_Stop = _Text | Annotated[list[_Text], Field(max_length=MAX_STOP)]
+
+
+# ---- the wire models (``/openapi.json`` is generated from them) ----------------------------------------------------
+class _Body(BaseModel):
+    """Unknown field names are refused (400 naming them), never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Body):
+    url: _Text
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL | _Text
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind)
+
+
+# Chosen by "type"; the tags are the class names, so error paths show the field names only (see rtp_mm.validation).
+_ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(
+        _part_kind,
+        custom_error_type="content_part",
+        custom_error_message="a content part is {'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': "
+        "{'url': ...}}",
+    ),
+]
+
+
+class ChatMessage(BaseModel):
+    """A message; the fields of OpenAI's message types that change nothing here (``name``, ...) are ignored."""
+
+    role: _Role
+    content: str | list[_ContentPart] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"]  # json_object / json_schema: not supported yet (400 naming response_format)
+
+
+class _Sampling(_Body):
+    """The fields both generation routes share (OpenAI's defaults: temperature 1, top_p 1)."""
+
+    model: str | None = None
+    temperature: Annotated[_Float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[_Float, Field(ge=0.0, le=1.0)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+    stop: _Stop | None = None
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[_Float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[_Float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None  # not supported yet: only {} or null
+    user: str | None = None
+    extra_configs: dict[str, Any] | None = Field(None, description="any GenerateConfig field (RTP-LLM), applied last")
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = None  # function calling: not supported yet
+    tool_choice: Literal["none", "auto"] | None = None
+    metadata: dict[str, Any] | None = None
+    store: StrictBool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        _Text
+        | _TokenIds
+        | Annotated[list[_Text], Field(min_length=1)]
+        | Annotated[list[_TokenIds], Field(min_length=1)]
+    )
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: Literal[False] | None = None  # not supported yet
+    suffix: None = None  # not supported
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
+
+
+class EmbeddingRequest(_Body):
+    input: (
+        _Text
+        | _TokenIds
+        | Annotated[list[_Text], Field(min_length=1)]
+        | Annotated[list[_TokenIds], Field(min_length=1)]
+    )
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+    is_query: StrictBool = Field(False, description="rtp-mm: SGPT query brackets instead of document ones")
+
 
 TokenText = Callable[[int], str]
 
@@ -76,6 +167,10 @@ class OpenAIRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)
     image_refs: list[str] = field(default_factory=list)
 
+    @property
+    def total_sequences(self) -> int:
+        return max(len(self.prompts), 1) * self.n
+
     def sequence_configs(self) -> list[GenerateConfig]:
         """n samples of one prompt; with a seed, sample j uses seed + j (else all n would be identical)."""
         seed = self.config.random_seed
@@ -84,182 +179,94 @@ class OpenAIRequest:
         return [self.config.updated(random_seed=(seed + j) % 2**64) for j in range(self.n)]
 
 
-# ---- parsing ----------------------------------------------------------------------------------------------------
-def _number(body: dict[str, Any], name: str, low: float, high: float, default: float | None) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidParam(f"{name}={value!r} is invalid; accepted: a number in [{low}, {high}]", name)
-    return value
+# ---- parsing ---------------------------------------------------------------------------------------------------------
+def openai_error(error: FieldError) -> InvalidParam:
+    """``param`` names the top-level field; the message carries the whole path."""
+    return InvalidParam(error.message, str(error.loc[0]) if error.loc else None)
 
 
-def _integer(body: dict[str, Any], name: str, low: int, high: int, default: int | None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidParam(f"{name}={value!r} is invalid; accepted: an integer in [{low}, {high}]", name)
-    return value
+def _validated(model: type[_Body], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise InvalidParam(f"request body must be a JSON object, got {type(data).__name__}")
+    return validated(model, data, openai_error)
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidParam(f"{name}={value!r} must be a boolean", name)
-    return value
-
-
-def _check_fields(body: dict[str, Any], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidParam(f"unknown field(s) {unknown}; this route accepts {sorted(allowed)}", unknown[0])
-
-
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
-        raise InvalidParam(f"stop={stop!r} must be a non-empty string or a list of up to {MAX_STOP} of them", "stop")
-    return stops
-
-
-def _unsupported(body: dict[str, Any]) -> None:
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise InvalidParam(f"response_format {kind!r} is not supported; only {{'type': 'text'}}", "response_format")
-    if body.get("logit_bias"):
-        raise InvalidParam("logit_bias is not supported", "logit_bias")
-    if body.get("tools"):
-        raise InvalidParam("tools (function calling) are not supported", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise InvalidParam("tool_choice is not supported", "tool_choice")
-
-
-def _common(body: dict[str, Any], max_tokens: int | None, logprobs: int | None) -> OpenAIRequest:
-    _unsupported(body)
-    stream = _flag(body, "stream")
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise InvalidParam("stream_options is only allowed when stream is true", "stream_options")
-        if not isinstance(options, dict):
-            raise InvalidParam("stream_options must be an object", "stream_options")
-    include_usage = _flag(options or {}, "include_usage")
-    n = _integer(body, "n", 1, MAX_N, 1)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidParam(f"seed={seed!r} must be an integer", "seed")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise InvalidParam(f"model={model!r} must be a string", "model")
+def _common(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> OpenAIRequest:
+    if body.stream_options is not None and not body.stream:
+        raise InvalidParam("stream_options is only allowed when stream is true", "stream_options")
+    stop = body.stop or []
     config: dict[str, Any] = {
-        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1e-6,  # top_p=0 means "the most likely token" here
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": (1.0 if body.top_p is None else body.top_p) or 1e-6,  # top_p=0 means "the most likely token" here
         "top_k": 0,
-        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        "stop_words_str": _stop(body),
-        "random_seed": None if seed is None else seed % 2**64,  # OpenAI seeds may be negative
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "stop_words_str": [stop] if isinstance(stop, str) else stop,
+        "random_seed": None if body.seed is None else body.seed % 2**64,  # OpenAI seeds may be negative
         "logprobs": logprobs,
     }
     if max_tokens is not None:
         config["max_new_tokens"] = max_tokens
-    extra = body.get("extra_configs")
-    if extra is not None:
-        if not isinstance(extra, dict):
-            raise InvalidParam("extra_configs must be an object of GenerateConfig fields", "extra_configs")
-        config.update(extra)
+    config.update(body.extra_configs or {})
     try:
         generate_config = GenerateConfig.from_dict(config, strict=True)
     except GenerateConfigError as e:
-        raise InvalidParam(e.message, "extra_configs" if extra else None) from None
-    return OpenAIRequest(model, generate_config, n, stream, include_usage, logprobs)
+        raise InvalidParam(e.message, "extra_configs" if body.extra_configs else None) from None
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return OpenAIRequest(body.model, generate_config, body.n or 1, bool(body.stream), include_usage, logprobs)
 
 
-def _content_text(content: Any, index: int, image_refs: list[str]) -> str:
-    """A message's text; image parts add their URL to ``image_refs``."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if not isinstance(content, list):
-        raise InvalidParam(f"messages[{index}].content must be a string or a list of parts", "messages")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            if not isinstance(url, str) or not url:
-                raise InvalidParam(f"messages[{index}]: an image_url part needs image_url.url (a string)", "messages")
+def _content_text(message: ChatMessage, image_refs: list[str]) -> str | list[dict[str, Any]]:
+    """A message's content for the chat template: text, or (with images) its parts, each image part adding its URL
+    to ``image_refs`` (LLM.chat_prompt renders each as the model's placeholder)."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if isinstance(part, ImagePart):
+            url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
             image_refs.append(url)
+            parts.append({"type": "image_url", "image_url": {"url": url}})
         else:
-            raise InvalidParam(
-                f"messages[{index}]: unsupported content part {part!r}; accepted: text, image_url", "messages"
-            )
-    return "".join(texts)
+            parts.append({"type": "text", "text": part.text})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
 
 
-def parse_chat_request(body: dict[str, Any]) -> OpenAIRequest:
-    _check_fields(body, CHAT_FIELDS)
-    top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS, None)
-    want = _flag(body, "logprobs")
-    if top is not None and not want:
+def parse_chat_request(data: Any) -> OpenAIRequest:
+    body: ChatCompletionRequest = _validated(ChatCompletionRequest, data)
+    if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParam("top_logprobs needs logprobs: true", "top_logprobs")
-    max_tokens = _integer(body, "max_completion_tokens", 1, 2**31 - 1, None)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, 2**31 - 1, None)
-    req = _common(body, max_tokens, (top or 0) if want else None)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParam("messages must be a non-empty list of {role, content} objects", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            raise InvalidParam(f"messages[{i}] needs a role in {list(_ROLES)}", "messages")
-        num_images = len(req.image_refs)
-        text = _content_text(message.get("content"), i, req.image_refs)
-        if len(req.image_refs) > num_images:
-            # Keep the parts: LLM.chat_prompt renders each image part as the model's placeholder.
-            req.messages.append({"role": message["role"], "content": message["content"]})
-        else:
-            req.messages.append({"role": message["role"], "content": text})
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    req = _common(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    for message in body.messages:
+        req.messages.append({"role": message.role, "content": _content_text(message, req.image_refs)})
     return req
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
-    def is_ids(p: Any) -> bool:
-        return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-
-    if isinstance(prompt, str) and prompt:
-        return [prompt]
-    if is_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all((isinstance(p, str) and p) or is_ids(p) for p in prompt):
-        return list(prompt)
-    raise InvalidParam("prompt must be a non-empty string, list of strings, token ids or lists of token ids", "prompt")
-
-
-def parse_completion_request(body: dict[str, Any]) -> OpenAIRequest:
-    _check_fields(body, COMPLETION_FIELDS)
-    if _flag(body, "echo"):
-        raise InvalidParam("echo is not supported", "echo")
-    if body.get("suffix") is not None:
-        raise InvalidParam("suffix is not supported", "suffix")
-    logprobs = _integer(body, "logprobs", 0, MAX_LOGPROBS, None)
-    req = _common(body, _integer(body, "max_tokens", 1, 2**31 - 1, 16), logprobs)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != req.n:
+def parse_completion_request(data: Any) -> OpenAIRequest:
+    body: CompletionRequest = _validated(CompletionRequest, data)
+    req = _common(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+    if body.best_of is not None and body.best_of != req.n:
         raise InvalidParam("best_of other than n is not supported", "best_of")
-    req.prompts = _prompts(body.get("prompt"))
+    prompt = body.prompt
+    single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
+    req.prompts = [prompt] if single else list(prompt)
     if len(req.prompts) * req.n > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidParam(f"prompts x n exceeds {MAX_SEQUENCES_PER_REQUEST} sequences", "n")
     return req
+
+
+def parse_embedding_request(data: Any) -> EmbeddingRequest:
+    return _validated(EmbeddingRequest, data)
+
+
+def embedding_inputs(body: EmbeddingRequest) -> list[str] | list[list[int]]:
+    """OpenAI's ``input`` as a list: strings, or token-id lists."""
+    inputs = body.input
+    single = isinstance(inputs, str) or isinstance(inputs[0], int)
+    return [inputs] if single else list(inputs)
 
 
 # ---- responses --------------------------------------------------------------------------------------------------

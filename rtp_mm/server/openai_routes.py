@@ -23,19 +23,21 @@ from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import InvalidRequest, RtpMmError
 from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
 from rtp_mm.server.generation import RequestGroup
-from rtp_mm.server.native import load_images, read_request_body
+from rtp_mm.server.intake import load_images, read_body, sequence_slots
 from rtp_mm.server.openai_protocol import (
     OpenAIRequest,
     chat_logprobs,
     completion_logprobs,
+    embedding_inputs,
     new_id,
     now,
     parse_chat_request,
     parse_completion_request,
+    parse_embedding_request,
     usage,
 )
 from rtp_mm.server.protocol import dumps
-from rtp_mm.server.state import ENGINE_KEY, LIMITER_KEY, METRICS_KEY, MODEL_NAME_KEY
+from rtp_mm.server.state import ENGINE_KEY, METRICS_KEY, MODEL_NAME_KEY
 
 logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -140,7 +142,7 @@ async def handle_models(request: web.Request) -> web.Response:
         "object": "model",
         "created": 0,
         "owned_by": "rtp-mm",
-        "root": info.model_config.ckpt_path,
+        "root": request.app[MODEL_NAME_KEY],  # never the absolute path: /v1/models may be public
         "max_model_len": info.max_seq_len,
         "model_type": info.model_type.name,  # rtp-mm's additions (the playground reads them)
         "vision": engine.vision is not None,
@@ -159,7 +161,7 @@ def _make_requests(engine: EngineClient, parsed: OpenAIRequest, images: list[Any
 async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str, bytes], chat: bool):
     app = request.app
     engine = app[ENGINE_KEY]
-    with app[LIMITER_KEY].slot():
+    with sequence_slots(request, parsed.total_sequences):
         images = await load_images(request, parsed.image_refs, uploads)
         requests = _make_requests(engine, parsed, images)
         answer = _Answer(engine, parsed, requests, chat, _model_name(request, parsed))
@@ -175,12 +177,12 @@ async def _serve(request: web.Request, parsed: OpenAIRequest, uploads: dict[str,
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
-    body, uploads = await read_request_body(request)
+    body, uploads = await read_body(request)
     return await _serve(request, parse_chat_request(body), uploads, chat=True)
 
 
 async def handle_completions(request: web.Request) -> web.StreamResponse:
-    body, uploads = await read_request_body(request)
+    body, uploads = await read_body(request)
     return await _serve(request, parse_completion_request(body), uploads, chat=False)
 
 
@@ -231,31 +233,9 @@ def _encode_vector(vector: Any, encoding: str) -> list[float] | str:
     return [float(x) for x in vector]
 
 
-def parse_embedding_input(inputs: Any) -> list[str] | list[list[int]]:
-    """OpenAI's ``input``: a string, a list of strings, a list of token ids, or a list of token-id lists."""
-
-    def is_ids(x: Any) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
-
-    if isinstance(inputs, str) or is_ids(inputs):
-        inputs = [inputs]
-    ok = (
-        isinstance(inputs, list)
-        and inputs
-        and (all(isinstance(t, str) and t for t in inputs) or all(is_ids(t) for t in inputs))
-    )
-    if not ok:
-        raise InvalidParam(
-            "input must be a non-empty string, a list of non-empty strings, a list of token ids or a list of "
-            f"non-empty token-id lists; got {str(inputs)[:80]}",
-            "input",
-        )
-    return inputs
-
-
 async def handle_embeddings(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    body, _ = await read_request_body(request)
+    data, _ = await read_body(request)
     model_type = engine.info.model_type
     if not model_type.embedding:
         raise InvalidParam(
@@ -263,25 +243,20 @@ async def handle_embeddings(request: web.Request) -> web.Response:
             "an embedding MODEL_TYPE (e.g. sgpt_bloom_vector)",
             "model",
         )
-    inputs = parse_embedding_input(body.get("input"))
-    encoding = body.get("encoding_format", "float")
-    if encoding not in ("float", "base64"):
-        raise InvalidParam(f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format")
-    is_query = body.get("is_query", False)  # rtp-mm extension: SGPT query brackets instead of document ones
-    if not isinstance(is_query, bool):
-        raise InvalidParam(f"is_query must be a boolean, got {is_query!r}", "is_query")
-    with request.app[LIMITER_KEY].slot():
-        vectors = await asyncio.to_thread(engine.embed, inputs, is_query)
+    body = parse_embedding_request(data)
+    inputs = embedding_inputs(body)
+    with sequence_slots(request, 1):  # one engine call, whatever the number of inputs
+        vectors = await asyncio.to_thread(engine.embed, inputs, body.is_query)
     num_tokens = sum(len(engine.tokenize(t)) if isinstance(t, str) else len(t) for t in inputs)
     data = [
-        {"object": "embedding", "embedding": _encode_vector(vector, encoding), "index": i}
+        {"object": "embedding", "embedding": _encode_vector(vector, body.encoding_format), "index": i}
         for i, vector in enumerate(vectors)
     ]
     return web.json_response(
         {
             "object": "list",
             "data": data,
-            "model": body.get("model") or request.app[MODEL_NAME_KEY],
+            "model": body.model or request.app[MODEL_NAME_KEY],
             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens},
         },
         dumps=dumps,

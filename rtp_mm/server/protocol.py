@@ -23,60 +23,110 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model
 
 from rtp_mm.api import GenerateConfig
 from rtp_mm.errors import EmptyPromptError, ErrorCode, InvalidRequest, NotImplementedYetError
 from rtp_mm.model_types import ModelTypeInfo
+from rtp_mm.server.wire import validated
+from rtp_mm.validation import FieldError
 
 # One HTTP request may fan out into prompts x sequences engine requests; this bounds the fan-out so a single body
-# cannot make the server build millions of requests.
+# cannot make the server build millions of requests (each sequence also counts against CONCURRENCY_LIMIT).
 MAX_SEQUENCES_PER_REQUEST = 1024
 
 STREAM_DONE = b"data:[done]\r\n\r\n"
 
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerateConfig))
 # RTP-LLM's aliases, applied only when the canonical name is absent.
 _CONFIG_ALIASES = {"gen_length": "max_new_tokens"}
 # Unknown-fields policy. RTP-LLM GenerateConfig fields that do not change the generated text are accepted and
 # ignored; those that would change the answer are refused (516) when set, rather than silently not honoured; any
 # other name inside generate_config is a typo, refused with 516. Top-level keys that are no GenerateConfig field are
 # ignored, as RTP-LLM does (clients put request ids and the like there).
-_IGNORED_CONFIG_FIELDS = frozenset(
-    {
-        "yield_generator",
-        "is_streaming",
-        "request_format",
-        "chat_id",
-        "task_id",
-        "md5_value",
-        "custom_prop",
-        "using_hf_sampling",
-        "pad_token_id",
-        "bos_token_id",
-    }
+_IGNORED_CONFIG_FIELDS = (
+    "is_streaming",
+    "request_format",
+    "chat_id",
+    "task_id",
+    "md5_value",
+    "custom_prop",
+    "using_hf_sampling",
+    "pad_token_id",
+    "bos_token_id",
 )
-_UNSUPPORTED_CONFIG_FIELDS = frozenset(
-    {
-        "return_logits",
-        "output_logits",
-        "return_hidden_states",
-        "output_hidden_states",
-        "return_input_ids",
-        "output_input_ids",
-        "return_output_ids",
-        "calculate_loss",
-        "select_tokens_id",
-        "select_tokens_str",
-        "bad_words_list",
-        "top_p_decay",
-        "top_p_min",
-        "top_p_reset_ids",
-        "no_repeat_ngram_size",
-    }
+_UNSUPPORTED_CONFIG_FIELDS = (
+    "return_logits",
+    "output_logits",
+    "return_hidden_states",
+    "output_hidden_states",
+    "return_input_ids",
+    "output_input_ids",
+    "return_output_ids",
+    "calculate_loss",
+    "select_tokens_id",
+    "select_tokens_str",
+    "bad_words_list",
+    "top_p_decay",
+    "top_p_min",
+    "top_p_reset_ids",
+    "no_repeat_ngram_size",
 )
 
 
+# ---- the wire models (``/openapi.json`` is generated from them) ----------------------------------------------------
+def _config_fields() -> dict[str, Any]:
+    """Every GenerateConfig field, optional, with the type and range GenerateConfig declares (declared once)."""
+    hints = get_type_hints(GenerateConfig, include_extras=True)
+    fields = {f.name: (Optional[hints[f.name]], None) for f in dataclasses.fields(GenerateConfig)}  # noqa: UP045
+    fields.update({alias: fields[name] for alias, name in _CONFIG_ALIASES.items()})
+    return fields
+
+
+_CONFIG_FIELDS = _config_fields()
+_UNSUPPORTED = {name: (Any, Field(None, description="refused when set (516)")) for name in _UNSUPPORTED_CONFIG_FIELDS}
+
+NativeGenerateConfig = create_model(
+    "NativeGenerateConfig",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="RTP-LLM's generate_config: GenerateConfig's fields, RTP-LLM's ignored fields and ``gen_length``.",
+    yield_generator=(Optional[StrictBool], None),  # noqa: UP045
+    **_CONFIG_FIELDS,
+    **{name: (Any, Field(None, description="accepted and ignored")) for name in _IGNORED_CONFIG_FIELDS},
+    **_UNSUPPORTED,
+)
+
+_Prompt = Optional[str | list[str] | list[dict[str, Any]]]  # noqa: UP045 - a message list is refused by name
+_Images = Optional[list[str] | list[list[str]]]  # noqa: UP045
+
+NativeRequestBody = create_model(
+    "NativeRequestBody",
+    __config__=ConfigDict(extra="allow"),
+    __doc__="The body of ``POST /``: RTP-LLM's request. Any GenerateConfig field may also be given at the top level, "
+    "where it wins over generate_config.",
+    prompt=(_Prompt, None),
+    text=(_Prompt, Field(None, description="alias of prompt")),
+    prompt_batch=(Optional[list[str]], Field(None, min_length=1)),  # noqa: UP045
+    messages=(Any, Field(None, description="chat format: not supported on this route (507)")),
+    generate_config=(Optional[NativeGenerateConfig], None),  # noqa: UP045
+    generation_config=(Optional[NativeGenerateConfig], Field(None, description="alias of generate_config")),  # noqa: UP045
+    yield_generator=(Optional[StrictBool], None),  # noqa: UP045
+    stream=(Optional[StrictBool], None),  # noqa: UP045
+    images=(_Images, Field(None, description="image references; one list per prompt with prompt_batch")),
+    urls=(_Images, Field(None, description="alias of images")),
+    **_CONFIG_FIELDS,
+    **_UNSUPPORTED,
+)
+
+
+class TokenizerEncodeBody(BaseModel):
+    """The body of ``POST /tokenizer/encode``."""
+
+    prompt: str
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class NativeRequest:
     """A parsed ``POST /`` body. Invariants: ``prompts`` is non-empty and holds non-empty strings; ``config`` is
@@ -93,6 +143,10 @@ class NativeRequest:
         """Sequences per prompt: num_return_sequences, or 1 when that is 0 (off)."""
         return max(self.config.num_return_sequences, 1)
 
+    @property
+    def total_sequences(self) -> int:
+        return len(self.prompts) * self.num_sequences
+
     def sequence_configs(self) -> list[GenerateConfig]:
         """The config of each of the ``num_sequences`` samples of one prompt.
 
@@ -105,44 +159,27 @@ class NativeRequest:
         return [self.config.updated(random_seed=seed + j) for j in range(self.num_sequences)]
 
 
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
+def native_error(error: FieldError) -> InvalidRequest:
+    """RTP-LLM's codes: a generate_config field (nested or at the top level) is 516, anything else 507."""
+    config_names = {"generate_config", "generation_config", *_CONFIG_FIELDS, *_UNSUPPORTED_CONFIG_FIELDS}
+    code = ErrorCode.GENERATE_CONFIG_FORMAT_ERROR if error.loc[:1] and error.loc[0] in config_names else None
+    return InvalidRequest(error.message, code)
 
 
-def _bool_field(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{name}={value!r} must be a boolean")
-    return value
-
-
-def _check_prompt(prompt: Any, name: str) -> str:
-    if isinstance(prompt, str):
-        if not prompt:
-            raise EmptyPromptError(f"{name} is an empty string")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+def _check_prompt(prompt: str | list, name: str) -> str:
+    if isinstance(prompt, list):  # list[dict]: the prompt validated as a message list
         raise InvalidRequest(f"{name} is a message list (chat format); the native route takes a string for now")
-    raise InvalidRequest(f"{name} must be a string, got {type(prompt).__name__}")
+    if not prompt:
+        raise EmptyPromptError(f"{name} is an empty string")
+    return prompt
 
 
-def _parse_prompts(body: dict[str, Any]) -> tuple[list[str], bool]:
-    if "messages" in body:
+def _parse_prompts(body: BaseModel) -> tuple[list[str], bool]:
+    if body.messages is not None:
         raise InvalidRequest("'messages' (chat format) is not supported on the native route yet; send 'prompt'")
-    if body.get("prompt_batch") is not None:
-        batch = body["prompt_batch"]
-        if not isinstance(batch, list) or not batch:
-            raise InvalidRequest("prompt_batch must be a non-empty list of strings")
-        return [_check_prompt(p, f"prompt_batch[{i}]") for i, p in enumerate(batch)], True
-    prompt = body.get("prompt", body.get("text"))
+    if body.prompt_batch is not None:
+        return [_check_prompt(p, f"prompt_batch[{i}]") for i, p in enumerate(body.prompt_batch)], True
+    prompt = body.prompt if body.prompt is not None else body.text
     if prompt is None:
         raise InvalidRequest("no prompt: give 'prompt' (or 'text') or 'prompt_batch'", ErrorCode.NO_PROMPT_ERROR)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -151,63 +188,50 @@ def _parse_prompts(body: dict[str, Any]) -> tuple[list[str], bool]:
     return [_check_prompt(prompt, "prompt")], False
 
 
-def _merged_config_dict(body: dict[str, Any]) -> dict[str, Any]:
-    nested = body.get("generate_config", body.get("generation_config"))
-    if nested is None:
-        nested = {}
-    if not isinstance(nested, dict):
-        raise InvalidRequest(
-            f"generate_config must be an object, got {type(nested).__name__}", ErrorCode.GENERATE_CONFIG_FORMAT_ERROR
-        )
-    unknown = sorted(
-        set(nested) - _CONFIG_FIELDS - set(_CONFIG_ALIASES) - _IGNORED_CONFIG_FIELDS - _UNSUPPORTED_CONFIG_FIELDS
-    )
-    if unknown:
-        raise InvalidRequest(
-            f"generate_config has unknown field(s) {unknown}; accepted: {sorted(_CONFIG_FIELDS)}",
-            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
-        )
-    unsupported = sorted(k for k in _UNSUPPORTED_CONFIG_FIELDS if nested.get(k) or body.get(k))
+def _merged_config(body: BaseModel) -> tuple[dict[str, Any], bool]:
+    """(GenerateConfig fields: the nested config overridden by top-level fields, yield_generator of the nested)."""
+    nested_model = body.generate_config if body.generate_config is not None else body.generation_config
+    nested = nested_model.model_dump(exclude_unset=True) if nested_model is not None else {}
+    top = body.model_dump(exclude_unset=True, include=set(_CONFIG_FIELDS) | set(_UNSUPPORTED_CONFIG_FIELDS))
+    unsupported = sorted(k for k in _UNSUPPORTED_CONFIG_FIELDS if nested.get(k) or top.get(k))
     if unsupported:
         raise InvalidRequest(
             f"{unsupported} not supported by rtp-mm (they would change the answer)",
             ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
         )
-    merged = {k: v for k, v in nested.items() if k not in _UNSUPPORTED_CONFIG_FIELDS}
-    merged.update({k: v for k, v in body.items() if k in _CONFIG_FIELDS or k in _CONFIG_ALIASES})
+    merged = {k: v for k, v in nested.items() if k in _CONFIG_FIELDS}
+    merged.update({k: v for k, v in top.items() if k in _CONFIG_FIELDS})
     for alias, canonical in _CONFIG_ALIASES.items():
         if alias in merged:
             value = merged.pop(alias)
             merged.setdefault(canonical, value)
-    return merged
+    return merged, bool(nested.get("yield_generator"))
 
 
-def parse_native_request(body: dict[str, Any]) -> NativeRequest:
+def parse_native_request(data: Any) -> NativeRequest:
     """Parse and validate a ``POST /`` body; raises InvalidRequest subclasses carrying RTP-LLM's error codes."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    body = validated(NativeRequestBody, data, native_error)
     prompts, batched = _parse_prompts(body)
-    merged = _merged_config_dict(body)
-    # yield_generator is no GenerateConfig field: the merged dict holds it only when the nested config had it.
-    stream = _bool_field(body, "yield_generator") or _bool_field(merged, "yield_generator")
-    stream = stream or _bool_field(body, "stream")
+    merged, nested_stream = _merged_config(body)
+    stream = bool(body.yield_generator or nested_stream or body.stream)
     config = GenerateConfig.from_dict(merged)
     if config.return_incremental and not stream:
         raise InvalidRequest("request is non_stream but use incremental decoder")
-    images = body.get("images", body.get("urls"))
-    if images is None:
-        images = []
-    if not isinstance(images, list):
-        raise InvalidRequest("input images should be list")
-    if batched and images:
-        # One list of images per prompt of the batch.
-        if len(images) != len(prompts) or not all(isinstance(group, list) for group in images):
-            raise InvalidRequest(f"images must be a list of {len(prompts)} lists, one per prompt of prompt_batch")
-    total = len(prompts) * max(config.num_return_sequences, 1)
-    if total > MAX_SEQUENCES_PER_REQUEST:
+    images = body.images if body.images is not None else (body.urls or [])
+    if images and (batched != isinstance(images[0], list)):
+        shape = f"a list of {len(prompts)} lists, one per prompt of prompt_batch" if batched else "a list of strings"
+        raise InvalidRequest(f"images must be {shape}")
+    if batched and images and len(images) != len(prompts):
+        raise InvalidRequest(f"images must be a list of {len(prompts)} lists, one per prompt of prompt_batch")
+    native = NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
+    if native.total_sequences > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidRequest(
-            f"{len(prompts)} prompts x {max(config.num_return_sequences, 1)} sequences = {total} exceeds the "
+            f"{len(prompts)} prompts x {native.num_sequences} sequences = {native.total_sequences} exceeds the "
             f"{MAX_SEQUENCES_PER_REQUEST} sequences one request may ask for"
         )
-    return NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
+    return native
 
 
 def native_image_groups(native: NativeRequest, images: list[Any]) -> list[list[Any]]:
@@ -278,9 +302,8 @@ def stream_event(body: Any) -> bytes:
     return b"data:" + dumps(body).encode() + b"\r\n\r\n"
 
 
-def tokenizer_encode_body(body: dict[str, Any]) -> str:
+def tokenizer_encode_body(data: Any) -> str:
     """The prompt of ``POST /tokenizer/encode``."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise InvalidRequest(f"prompt must be a string, got {type(prompt).__name__}")
-    return prompt
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"request body must be a JSON object, got {type(data).__name__}")
+    return validated(TokenizerEncodeBody, data, native_error).prompt

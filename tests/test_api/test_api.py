@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rtp_mm import GenerateConfig
-from rtp_mm.errors import EmptyPromptError, GenerateConfigError, PromptTooLongError, RequestTimeout
+from rtp_mm.errors import EmptyPromptError, GenerateConfigError, InvalidRequest, PromptTooLongError, RequestTimeout
 
 CHAT = [{"role": "user", "content": "Tell me about the city of Paris in three sentences."}]
 GREEDY = dict(top_k=1, max_new_tokens=40)
@@ -105,6 +105,8 @@ def test_request_errors(default_llm):
         default_llm.generate([[1] * default_llm.max_seq_len])
     with pytest.raises(GenerateConfigError, match="top_p"):
         default_llm.generate("hi", GenerateConfig(top_p=3.0))
+    with pytest.raises(InvalidRequest, match="not valid Unicode"):  # a lone surrogate (tokenizers: bare TypeError)
+        default_llm.generate("hi \ud800", GenerateConfig(max_new_tokens=1))
     with pytest.raises(RequestTimeout):
         default_llm.generate("hi", GenerateConfig(max_new_tokens=2000, top_k=1, ignore_eos=True, timeout_ms=200))
     wait_all_blocks_free(default_llm)

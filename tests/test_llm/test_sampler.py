@@ -320,3 +320,18 @@ def test_logprobs_on_the_plain_greedy_path():
     expected = _log_softmax(logits)
     assert tokens == [1]
     assert logprobs[0] == pytest.approx({1: expected[1], 4: expected[4]}, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GenerateConfig(top_p=1e-88),  # below float32's smallest number: compares as 0
+        GenerateConfig(temperature=1e-40),  # logits / T overflow to inf
+        GenerateConfig(temperature=1e-40, top_p=1e-88, top_k=3),
+    ],
+)
+def test_extreme_but_valid_settings_draw_the_most_likely_token(config):
+    # Found by the server fuzz test: these settings made softmax NaN and failed the whole engine step.
+    logits = torch.tensor([LOGITS])
+    tokens, _ = sample(logits, [make_req(config)])
+    assert tokens == [LOGITS.index(max(LOGITS))]

@@ -202,7 +202,7 @@ def test_openai_embeddings_route(tmp_path):
             by_ids = client.embeddings.create(model="sgpt", input=ids)
             assert torch.allclose(torch.tensor(by_ids.data[0].embedding), llm.embed([ids])[0], atol=1e-6)
             assert _cosine(torch.tensor(by_ids.data[0].embedding), _oracle_embedding(model, ids)) >= 0.9999
-            with pytest.raises(openai.BadRequestError, match="input must be"):
+            with pytest.raises(openai.BadRequestError, match=r"input\[0\]=\[\]: list should have at least 1 item"):
                 client.embeddings.create(model="sgpt", input=[[]])
             with pytest.raises(openai.BadRequestError, match="is_query"):
                 client.embeddings.create(model="sgpt", input="x", extra_body={"is_query": "yes"})

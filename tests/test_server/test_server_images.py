@@ -100,7 +100,7 @@ NATIVE_CASES = {
     "absolute-path-outside": (["/etc/hostname"], 400, "outside IMAGE_LOCAL_DIR"),
     "missing-local-file": (["nope.png"], 400, "no file"),
     "unknown-upload-reference": (["upload://nothing"], 400, "names no uploaded part"),
-    "image-not-a-string": ([5], 400, "must be a non-empty string"),
+    "image-not-a-string": ([5], 400, "images[0]=5: input should be a valid string"),
 }
 
 

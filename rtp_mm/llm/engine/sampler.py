@@ -35,6 +35,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return logits
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits [vocab] with everything outside top-k and the top-p nucleus set to -inf."""
     if top_k and top_k < logits.shape[-1]:
@@ -45,6 +48,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         probs = sorted_logits.softmax(-1)
         # Drop a token when the mass before it already reaches top_p (the first token always stays).
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        # A top_p below float32's smallest number compares as 0 and would drop the first token too (all -inf: NaN).
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -94,6 +99,7 @@ def _sample_row(row: torch.Tensor, params: SamplingParams) -> int:
         row[eos] = float("-inf")
     if cfg.is_greedy():
         return int(row.argmax())
-    row = filter_top_k_top_p(row / cfg.temperature, cfg.top_k, cfg.top_p)
+    # A tiny temperature scales the logits to inf (inf - inf = NaN in softmax); below the floor it is greedy anyway.
+    row = filter_top_k_top_p(row / max(cfg.temperature, MIN_TEMPERATURE), cfg.top_k, cfg.top_p)
     probs = row.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=params.generator))
