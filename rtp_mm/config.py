@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -25,6 +26,9 @@ DEFAULT_START_PORT = 8088
 DEFAULT_CONCURRENCY_LIMIT = 32
 VIT_BACKENDS = ("torch", "onnxruntime", "tensorrt")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A browser origin as browsers serialise it (RFC 6454): lower-case scheme://host[:port], no path, no user info.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::(\d{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class WeightType(str, Enum):
@@ -241,6 +245,8 @@ class ServerConfig:
     image_fetch_timeout_s: float = 10.0  # whole fetch of one remote image, redirects included
     shutdown_timeout_s: float = 60.0  # graceful shutdown: how long in-flight requests may still run
     client_timeout_s: float = 60.0  # a request body must arrive within this; idle keep-alive connections close
+    cors_allow_origins: tuple[str, ...] = ()  # browser origins that may call the API; ("*",) = any; () = CORS off
+    served_model_name: str = ""  # the model id of /v1/models and responses; "" = checkpoint folder name or GGUF stem
 
     def __post_init__(self) -> None:
         port = self.start_port
@@ -255,6 +261,33 @@ class ServerConfig:
         object.__setattr__(self, "image_url_hosts", tuple(h.strip().lower() for h in self.image_url_hosts))
         if self.image_local_dir:
             check_local_path(self.image_local_dir, "IMAGE_LOCAL_DIR", must_be_dir=True)
+        object.__setattr__(self, "cors_allow_origins", _cors_origins(self.cors_allow_origins))
+        name = self.served_model_name
+        if not isinstance(name, str) or not name.strip().isprintable():
+            raise ConfigError(f"SERVED_MODEL_NAME={name!r} must be text without control characters")
+        object.__setattr__(self, "served_model_name", name.strip())
+
+
+def _cors_origins(values: Any) -> tuple[str, ...]:
+    """CORS_ALLOW_ORIGINS normalised as browsers send ``Origin`` (lower case, no default port), so that the server
+    decides by plain comparison; a typo stops start-up instead of silently blocking a web app."""
+    accepted = "'*' alone, or comma-separated origins scheme://host[:port] without a path (not even '/')"
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"CORS_ALLOW_ORIGINS={values!r} must be a tuple of origins; accepted: {accepted}")
+    origins = []
+    for value in values:
+        origin = value.strip().lower()
+        match = _ORIGIN.fullmatch(origin)
+        port = match.group(1) if match else None
+        if origin != "*" and (match is None or (port is not None and not 0 < int(port) <= 65535)):
+            raise ConfigError(f"CORS_ALLOW_ORIGINS: {value.strip()!r} is not an origin; accepted: {accepted}")
+        scheme = origin.split(":", 1)[0]
+        if port is not None and int(port) == _DEFAULT_PORTS.get(scheme):
+            origin = origin[: -len(port) - 1]
+        origins.append(origin)
+    if "*" in origins and len(origins) > 1:
+        raise ConfigError(f"CORS_ALLOW_ORIGINS={','.join(values)!r}: '*' allows every origin; accepted: {accepted}")
+    return tuple(dict.fromkeys(origins))
 
 
 @dataclass(frozen=True)
@@ -409,6 +442,8 @@ class _EnvParser:
             image_fetch_timeout_s=self.integer("IMAGE_FETCH_TIMEOUT_S", 10, minimum=1),
             shutdown_timeout_s=self.integer("SHUTDOWN_TIMEOUT_S", 60, minimum=1),
             client_timeout_s=self.integer("CLIENT_TIMEOUT_S", 60, minimum=1),
+            cors_allow_origins=tuple(o for o in (self.raw("CORS_ALLOW_ORIGINS") or "").split(",") if o.strip()),
+            served_model_name=self.raw("SERVED_MODEL_NAME") or "",
         )
 
     def settings(self) -> Settings:

@@ -8,9 +8,19 @@
 
 from rtp_mm.api.engine_client import EngineClient, RequestStream
 from rtp_mm.api.llm import LLM
+from rtp_mm.api.prompts import ChatPrompt
 from rtp_mm.llm.engine.engine import RequestOutput
 from rtp_mm.llm.engine.generate_config import MAX_LOGPROBS, GenerateConfig
 from rtp_mm.llm.engine.request import EngineRequest
 
 # The engine's vocabulary that callers of the client use (the server imports it from here, never from rtp_mm.llm).
-__all__ = ["LLM", "EngineClient", "RequestStream", "EngineRequest", "RequestOutput", "GenerateConfig", "MAX_LOGPROBS"]
+__all__ = [
+    "LLM",
+    "ChatPrompt",
+    "EngineClient",
+    "RequestStream",
+    "EngineRequest",
+    "RequestOutput",
+    "GenerateConfig",
+    "MAX_LOGPROBS",
+]

@@ -145,6 +145,12 @@ class EngineClient:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of token ids (special tokens included), as an echoed token-id prompt is shown."""
+        if self.tokenizer is None:
+            raise InvalidRequest("decoding needs a tokenizer (this engine was built with skip_tokenizer_init=True)")
+        return self.tokenizer.decode(list(token_ids))
+
     def embed(self, inputs: Any, is_query: bool = False, case_sensitive: bool = False, attention_mask=None) -> Any:
         """SGPT sentence embeddings (see ``rtp_mm.api.embeddings``)."""
         return embeddings.embed(self, inputs, is_query, case_sensitive, attention_mask)

@@ -1,4 +1,5 @@
-"""``rtp-mm bench [--vision] ...``: the text benchmark, or the vision one with ``--vision`` (each owns its flags)."""
+"""``rtp-mm bench [--vision | --structured] ...``: the text benchmark, the vision one with ``--vision``, or the
+structured-outputs one with ``--structured`` (each owns its flags)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--structured" in argv:
+        from rtp_mm.benchmarks.structured import main as structured_main
+
+        return structured_main([a for a in argv if a != "--structured"])
     if "--vision" in argv:
         from rtp_mm.benchmarks.vision import main as vision_main
 

@@ -11,7 +11,9 @@ reading, images and concurrency slots are ``intake``; the typed wire models (pyd
 ``protocol`` / ``openai_protocol`` and describe themselves at ``/openapi.json`` (``openapi``); the mapping of errors
 to statuses is ``errors``.
 
-Middlewares, outermost first: metrics (requests by route and status), errors (typed errors to JSON bodies), auth
+Middlewares, outermost first: with ``CORS_ALLOW_ORIGINS`` set, CORS (``cors``: answers preflights before auth; its
+``on_response_prepare`` hook labels every other response, streams and errors included), metrics (requests by route
+and status), errors (typed errors to JSON bodies), auth
 (with ``API_KEY`` set, every route but the health probes, ``/openapi.json`` and the playground page needs
 ``Authorization: Bearer <API_KEY>``), and innermost,
 appended by ``shutdown.install``, the count of requests in flight that shutdown waits for. With
@@ -26,6 +28,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import socket
+import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +43,7 @@ from aiohttp import web
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import ConfigError
-from rtp_mm.server import native, openai_routes, openapi, playground, shutdown
+from rtp_mm.server import cors, native, openai_routes, openapi, playground, shutdown
 from rtp_mm.server.errors import Unauthorized, error_middleware
 from rtp_mm.server.images import ImageIntake, ImageLimits, make_fetch_connector
 from rtp_mm.server.metrics import ServerMetrics
@@ -99,8 +104,16 @@ async def handle_openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi.openapi_document())
 
 
-def _model_name(engine: EngineClient) -> str:
-    return Path(engine.info.model_config.ckpt_path).name or engine.info.model_type.name
+def served_model_name(configured: str, ckpt_path: str, fallback: str) -> str:
+    """SERVED_MODEL_NAME, else the checkpoint folder's name or a GGUF file's stem, else ``fallback``: never a path,
+    since ``/v1/models`` may be public and every OpenAI response echoes it."""
+    if configured:
+        return configured
+    # abspath, not resolve: "." still names its folder, and symlinks (Hugging Face cache snapshots) are not followed.
+    path = Path(os.path.abspath(ckpt_path)) if ckpt_path else None
+    if path is None or not path.name:
+        return fallback
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
@@ -112,7 +125,10 @@ def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
         owned = owns_engine or given is None
         engine = given or await asyncio.to_thread(EngineClient, settings.model, settings.engine)
         app[ENGINE_KEY] = engine
-        app[MODEL_NAME_KEY] = _model_name(engine)
+        info = engine.info
+        app[MODEL_NAME_KEY] = served_model_name(
+            settings.server.served_model_name, info.model_config.ckpt_path, info.model_type.name
+        )
         limits = ImageLimits.from_server_config(settings.server)
         pool = ThreadPoolExecutor(IMAGE_DECODE_THREADS, thread_name_prefix="rtp-mm-image")
         session = None
@@ -143,6 +159,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
         client_max_size=server.max_body_mb * 2**20,
     )
+    cors.install(app, server.cors_allow_origins)
     app[SETTINGS_KEY] = settings
     app[LIMITER_KEY] = ConcurrencyLimiter(settings.engine.concurrency_limit)
     app[METRICS_KEY] = ServerMetrics()
@@ -166,10 +183,38 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
     return app
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` (as aiohttp's own site would bind them), not listening yet.
+
+    Made before the model loads, so a busy START_PORT fails start-up within a second instead of after the load, and
+    handed to aiohttp so no other process can take the port in between. They listen once the server starts: until
+    then a client is refused at once rather than left waiting in the backlog while the model loads."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # asyncio's defaults for loop.create_server, which aiohttp used to bind with.
+            if os.name == "posix" and sys.platform != "cygwin":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(f"START_PORT={port}: cannot listen on {host}:{port} ({e})") from e
+    return sockets
+
+
 def run_server(settings: Settings) -> None:
-    """Load the model, then serve until SIGINT/SIGTERM (in-flight requests finish, then the engine stops)."""
+    """Take START_PORT, load the model, then serve until SIGINT/SIGTERM (in-flight requests finish, then the engine
+    stops)."""
+    host = settings.server.host
+    sockets = bind_sockets(host, settings.server.start_port)
+    port = sockets[0].getsockname()[1]  # START_PORT=0 binds a free port: announce the one taken
     app = create_app(None, settings)
-    host, port = settings.server.host, settings.server.start_port
 
     def announce(_aiohttp_banner: str) -> None:
         # WARNING so that the one start-up line shows under the default LOG_LEVEL=WARNING.
@@ -180,16 +225,16 @@ def run_server(settings: Settings) -> None:
     try:
         web.run_app(
             app,
-            host=host,
-            port=port,
+            sock=sockets,
             print=announce,
             handler_cancellation=True,
             shutdown_timeout=shutdown.HANDLER_GRACE_S,  # SHUTDOWN_TIMEOUT_S is waited in shutdown.drain
             access_log_format=ACCESS_LOG_FORMAT,
             keepalive_timeout=settings.server.client_timeout_s,  # idle connections close after CLIENT_TIMEOUT_S
         )
-    except OSError as e:
-        raise ConfigError(f"START_PORT={port}: cannot listen on {host}:{port} ({e})") from e
+    finally:
+        for sock in sockets:  # already closed when the server ran; not when start-up failed
+            sock.close()
 
 
 class BackgroundServer:

@@ -31,6 +31,7 @@ from rtp_mm.server.protocol import (
     native_image_refs,
     parse_native_request,
     response_body,
+    sequence_view,
     stream_event,
     tokenizer_encode_body,
 )
@@ -70,7 +71,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
         views = _empty_views(native)
         for index, out in enumerate(outs):
             i, j = divmod(index, native.num_sequences)
-            views[i][j] = SequenceView(out.text, True, out.aux_info)
+            views[i][j] = sequence_view(out.text, out)
         return web.json_response(response_body(native, views), dumps=dumps)
 
 
@@ -87,7 +88,7 @@ async def _stream(request: web.Request, native: NativeRequest, group: RequestGro
                     for view in (v for seqs in views for v in seqs):
                         view.text = ""
                 i, j = divmod(index, native.num_sequences)
-                views[i][j] = SequenceView(out.delta_text if incremental else out.text, out.finished, out.aux_info)
+                views[i][j] = sequence_view(out.delta_text if incremental else out.text, out)
                 await resp.write(stream_event(response_body(native, views)))
         await resp.write(STREAM_DONE)
     except ConnectionResetError:

@@ -5,9 +5,17 @@ top_p 1; ``/v1/completions`` max_tokens 16). ``max_completion_tokens`` wins over
 ``extra_configs`` (any GenerateConfig field, e.g. ``top_k``) is applied last.
 
 Unknown-fields policy: fields OpenAI defines that change nothing here (``user``, ``metadata``, ``store``, ...) are
-accepted and ignored; fields that would change the answer but are not supported (``response_format`` json modes,
-``tools``, ``logit_bias``, ``echo``, ``suffix``, ``best_of`` > n) and unknown names answer 400 with ``param`` set,
-never a silently different answer.
+accepted and ignored; fields that would change the answer but are not supported (``suffix``, ``best_of`` > n) and
+unknown names answer 400 with ``param`` set, never a silently different answer.
+
+Structured outputs: ``response_format`` ``json_object`` / ``json_schema`` become GenerateConfig's ``json_schema``
+(enforced by the grammar engine whether or not ``strict`` is set); ``logit_bias`` is GenerateConfig's. Tools: see
+``tools``.
+
+``echo`` (``/v1/completions``) puts the prompt before each completion: its text (a token-id prompt decoded) and, with
+``logprobs``, its tokens' logprobs computed in the same prefill (the first token's ``null``), then the generated
+tokens', EOS included, so that ``token_logprobs[len(prompt):]`` are exactly the generated tokens as lm-eval slices
+them. ``max_tokens: 0`` generates nothing (finish_reason ``length``).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from rtp_mm.api import MAX_LOGPROBS, GenerateConfig, RequestOutput
 from rtp_mm.errors import GenerateConfigError
 from rtp_mm.server.errors import InvalidParam
 from rtp_mm.server.protocol import MAX_SEQUENCES_PER_REQUEST
+from rtp_mm.server.tools import ToolMode, template_messages
 from rtp_mm.server.wire import validated
 from rtp_mm.validation import FieldError
 
@@ -32,6 +41,9 @@ MAX_STOP = 16
 MAX_TOKENS = 2**31 - 1
 _Role = Literal["system", "developer", "user", "assistant", "tool", "function", "observation"]
 _Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_Bias = Annotated[_Float, Field(ge=-100.0, le=100.0)]
+MAX_LOGIT_BIAS = 300
+MAX_TOOLS = 128
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 _Stop = _Text | Annotated[list[_Text], Field(max_length=MAX_STOP)]
@@ -76,19 +88,69 @@ _ContentPart = Annotated[
 ]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message (sent back by the client)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    """A message; the fields of OpenAI's message types that change nothing here (``name``, ...) are ignored."""
+    """A message; the fields of OpenAI's message types that change nothing here (``refusal``, ...) are ignored."""
 
     role: _Role
     content: str | list[_ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages
+
+
+_FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(_Body):
+    name: _FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; absent = any object
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: _FunctionName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # absent = any JSON value
+    strict: StrictBool | None = None
 
 
 class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class ResponseFormat(BaseModel):
-    type: Literal["text"]  # json_object / json_schema: not supported yet (400 naming response_format)
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None  # with type json_schema
 
 
 class _Sampling(_Body):
@@ -104,7 +166,8 @@ class _Sampling(_Body):
     seed: StrictInt | None = None
     presence_penalty: Annotated[_Float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[_Float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = None  # not supported yet: only {} or null
+    # token id (a JSON key, so a string) -> bias in [-100, 100], at most 300 entries (as OpenAI)
+    logit_bias: Annotated[dict[Annotated[int, Field(ge=0)], _Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     extra_configs: dict[str, Any] | None = Field(None, description="any GenerateConfig field (RTP-LLM), applied last")
     max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None = None
@@ -116,8 +179,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: Annotated[list[Any], Field(max_length=0)] | None = None  # function calling: not supported yet
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     metadata: dict[str, Any] | None = None
     store: StrictBool | None = None
     service_tier: str | None = None
@@ -132,7 +195,9 @@ class CompletionRequest(_Sampling):
         | Annotated[list[_TokenIds], Field(min_length=1)]
     )
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: Literal[False] | None = None  # not supported yet
+    echo: StrictBool | None = None  # the prompt before the completion, in text and logprobs
+    # 0: no completion, the prompt only (with echo: its logprobs, what lm-eval's loglikelihood asks for)
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)] | None = None
     suffix: None = None  # not supported
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
 
@@ -166,6 +231,8 @@ class OpenAIRequest:
     prompts: list[str | list[int]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
     image_refs: list[str] = field(default_factory=list)
+    tools: ToolMode = ToolMode("none")
+    echo: bool = False  # completions: the prompt (text, and logprobs with logprobs) before each completion
 
     @property
     def total_sequences(self) -> int:
@@ -191,7 +258,9 @@ def _validated(model: type[_Body], data: Any) -> Any:
     return validated(model, data, openai_error)
 
 
-def _common(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> OpenAIRequest:
+def _common(
+    body: _Sampling, max_tokens: int | None, logprobs: int | None, json_schema: dict[str, Any] | None = None
+) -> OpenAIRequest:
     if body.stream_options is not None and not body.stream:
         raise InvalidParam("stream_options is only allowed when stream is true", "stream_options")
     stop = body.stop or []
@@ -205,6 +274,10 @@ def _common(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> Op
         "random_seed": None if body.seed is None else body.seed % 2**64,  # OpenAI seeds may be negative
         "logprobs": logprobs,
     }
+    if body.logit_bias:
+        config["logit_bias"] = body.logit_bias
+    if json_schema is not None:
+        config["json_schema"] = json_schema
     if max_tokens is not None:
         config["max_new_tokens"] = max_tokens
     config.update(body.extra_configs or {})
@@ -234,20 +307,61 @@ def _content_text(message: ChatMessage, image_refs: list[str]) -> str | list[dic
     return parts
 
 
+def _tool_mode(body: ChatCompletionRequest) -> ToolMode:
+    tools = tuple(t.model_dump(exclude_none=True) for t in body.tools or ())
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, NamedToolChoice):
+        names = [t["function"]["name"] for t in tools]
+        if choice.function.name not in names:
+            message = f"tool_choice names {choice.function.name!r}, which is not in tools {names}"
+            raise InvalidParam(message, "tool_choice")
+        return ToolMode("named", tools, choice.function.name)
+    if choice != "none" and not tools:
+        raise InvalidParam(f"tool_choice {choice!r} needs tools", "tool_choice")
+    return ToolMode(choice, tools)
+
+
+def _response_schema(body: ChatCompletionRequest) -> dict[str, Any] | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "object"}
+    if fmt.json_schema is None:
+        raise InvalidParam("response_format of type json_schema needs json_schema: {name, schema}", "response_format")
+    return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
+
+
 def parse_chat_request(data: Any) -> OpenAIRequest:
     body: ChatCompletionRequest = _validated(ChatCompletionRequest, data)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidParam("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    req = _common(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+    tools = _tool_mode(body)
+    schema = _response_schema(body)
+    if schema is not None and tools.json_schema() is not None:
+        raise InvalidParam("response_format and a named or required tool_choice both constrain the answer", "tools")
+    req = _common(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, schema or tools.json_schema())
+    req.tools = tools
     for message in body.messages:
-        req.messages.append({"role": message.role, "content": _content_text(message, req.image_refs)})
+        entry: dict[str, Any] = {"role": message.role, "content": _content_text(message, req.image_refs)}
+        if message.tool_calls:
+            entry["tool_calls"] = [c.model_dump(exclude_none=True) for c in message.tool_calls]
+        for name in ("name", "tool_call_id"):
+            if getattr(message, name) is not None:
+                entry[name] = getattr(message, name)
+        req.messages.append(entry)
+    req.messages = template_messages(req.messages)
     return req
 
 
 def parse_completion_request(data: Any) -> OpenAIRequest:
     body: CompletionRequest = _validated(CompletionRequest, data)
     req = _common(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
+    if body.echo:
+        req.echo = True
+        if body.logprobs is not None:  # computed in the prefill, top-N as for the generated tokens
+            req.config = req.config.updated(prompt_logprobs=body.logprobs)
     if body.best_of is not None and body.best_of != req.n:
         raise InvalidParam("best_of other than n is not supported", "best_of")
     prompt = body.prompt
@@ -309,8 +423,11 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    token_text: TokenText, token_ids: list[int], logprobs: list[dict[int, float]], top: int, offset: int = 0
+    token_text: TokenText, token_ids: list[int], logprobs: list[dict[int, float] | None], top: int, offset: int = 0
 ) -> dict[str, Any]:
+    """OpenAI's legacy logprobs of ``token_ids``; an entry None (an echoed prompt's first token, which nothing
+    predicts) gives a null token_logprob and null top_logprobs. ``text_offset`` counts the token texts before each
+    token, from ``offset``."""
     tokens = [token_text(t) for t in token_ids]
     offsets = []
     for text in tokens:
@@ -318,9 +435,17 @@ def completion_logprobs(
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [entry[t] for t, entry in zip(token_ids, logprobs, strict=False)],
+        "token_logprobs": [None if e is None else e[t] for t, e in zip(token_ids, logprobs, strict=False)],
         "top_logprobs": [
-            {token_text(t): lp for t, lp in sorted(entry.items(), key=lambda kv: -kv[1])[:top]} for entry in logprobs
+            None if e is None else {token_text(t): lp for t, lp in sorted(e.items(), key=lambda kv: -kv[1])[:top]}
+            for e in logprobs
         ],
         "text_offset": offsets,
     }
+
+
+def joined_logprobs(first: dict[str, Any] | None, then: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Two consecutive runs of completion logprobs as one (an echoed prompt's, then the generated tokens')."""
+    if first is None or then is None:
+        return then if first is None else first
+    return {key: first[key] + then[key] for key in first}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from rtp_mm.api import EngineRequest, RequestOutput
+from rtp_mm.api import ChatPrompt, EngineRequest, RequestOutput
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import InvalidRequest, RtpMmError
 from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
@@ -29,6 +29,7 @@ from rtp_mm.server.openai_protocol import (
     chat_logprobs,
     completion_logprobs,
     embedding_inputs,
+    joined_logprobs,
     new_id,
     now,
     parse_chat_request,
@@ -38,6 +39,7 @@ from rtp_mm.server.openai_protocol import (
 )
 from rtp_mm.server.protocol import dumps
 from rtp_mm.server.state import ENGINE_KEY, METRICS_KEY, MODEL_NAME_KEY
+from rtp_mm.server.tools import ToolCall
 
 logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -58,14 +60,17 @@ class _Answer:
         self.created = now()
         self.object = "chat.completion" if chat else "text_completion"
         self.text_offsets = [0] * len(requests)
+        self.echoed = [not parsed.echo] * len(requests)  # echo: whether choice i has sent its prompt yet
 
     def token_text(self, token: int) -> str:
         return self.engine.token_text(token)
 
     def _tokens(self, index: int, out: RequestOutput, new_only: bool) -> tuple[list[int], list[dict[int, float]]]:
-        """Generated ids with their logprob entries, without an EOS that ended the request (it has no text)."""
+        """Generated ids with their logprob entries, without an EOS that ended the request (it has no text; with echo
+        it is kept, as vLLM does: clients slice the generated tokens' logprobs by the prompt's length)."""
         ids, lps = out.token_ids, out.logprobs or []
-        if out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids(index):
+        ended_by_eos = out.finished and out.finish_reason == "stop" and ids and ids[-1] in self.eos_token_ids(index)
+        if ended_by_eos and not self.parsed.echo:
             ids, lps = ids[:-1], lps[:-1]
         if new_only:
             start = len(out.token_ids) - out.num_new_tokens
@@ -90,16 +95,43 @@ class _Answer:
         self.text_offsets[index] += sum(len(t) for t in result["tokens"])
         return result
 
+    def echo(self, index: int, out: RequestOutput) -> tuple[str, dict[str, Any] | None]:
+        """Once per choice, before its first generated text: the prompt's text and, with logprobs, its tokens'."""
+        self.echoed[index] = True
+        prompt = self.requests[index].prompt
+        text = prompt if isinstance(prompt, str) else self.engine.decode(prompt)
+        top = self.parsed.logprobs
+        if top is None or out.prompt_token_ids is None:
+            return text, None
+        result = completion_logprobs(self.token_text, out.prompt_token_ids, out.prompt_logprobs, top)
+        self.text_offsets[index] += sum(len(t) for t in result["tokens"])
+        return text, result
+
+    def tool_calls(self, out: RequestOutput) -> tuple[str | None, list[dict[str, Any]], str | None]:
+        """(content, tool calls, finish_reason) of a finished chat answer."""
+        content, calls = self.parsed.tools.calls(out.text, self.engine.info.model_type.family)
+        reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+        return content, [call.wire() for call in calls], reason
+
     def body(self, outs: list[RequestOutput]) -> dict[str, Any]:
         choices = []
         for index, out in enumerate(outs):
             choice: dict[str, Any] = {"index": index}
+            reason = out.finish_reason
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": out.text, "refusal": None}
+                if self.parsed.tools.kind != "none":
+                    content, calls, reason = self.tool_calls(out)
+                    choice["message"]["content"] = content
+                    if calls:
+                        choice["message"]["tool_calls"] = calls
             else:
-                choice["text"] = out.text
+                prompt_text, prompt_logprobs = ("", None) if self.echoed[index] else self.echo(index, out)
+                choice["text"] = prompt_text + out.text
             choice["logprobs"] = self.logprobs(index, out)
-            choice["finish_reason"] = out.finish_reason
+            if not self.chat and self.parsed.echo:
+                choice["logprobs"] = joined_logprobs(prompt_logprobs, choice["logprobs"])
+            choice["finish_reason"] = reason
             choices.append(choice)
         return {
             "id": self.id,
@@ -122,12 +154,44 @@ class _Answer:
             chunk["usage"] = None
         return chunk
 
-    def delta_choice(self, index: int, text: str, out: RequestOutput | None, finish: str | None) -> dict[str, Any]:
+    @property
+    def buffered(self) -> bool:
+        """Tool calls read from the whole answer (auto, required): nothing streams until it is finished."""
+        return self.chat and self.parsed.tools.kind in ("auto", "required")
+
+    def delta_choice(
+        self, index: int, text: str, out: RequestOutput | None, finish: str | None
+    ) -> dict[str, Any] | None:
+        """A streamed choice: the role (``out`` None), new text, or the finish; None when nothing is to be sent."""
+        if self.buffered and out is not None and not finish:
+            return None
+        # The first chunk of an echoed choice carries the prompt (with max_tokens 0, the finish chunk does).
+        echoed = self.echo(index, out) if out is not None and not self.echoed[index] else ("", None)
         logprobs = None if out is None or finish else self.logprobs(index, out, new_only=True)
-        if self.chat:
-            delta = {"content": text} if out is not None or finish else {"role": "assistant", "content": ""}
-            return {"index": index, "delta": {} if finish else delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if not self.chat:
+            text, logprobs = echoed[0] + text, joined_logprobs(echoed[1], logprobs)
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if finish:
+            reason = self.tool_calls(out)[2] if out is not None and self.parsed.tools.kind != "none" else finish
+            return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+        named = self.parsed.tools.kind == "named"
+        if out is None:
+            delta: dict[str, Any] = {"role": "assistant", "content": None if named else ""}
+            if named:  # the call's header first; its arguments then stream as they are generated
+                delta["tool_calls"] = [ToolCall(self.parsed.tools.name or "", "").wire(0)]
+        else:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if named else {"content": text}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+
+    def final_delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        """For a buffered answer: its content or tool calls, sent once it finished."""
+        if not self.buffered:
+            return None
+        content, calls, _ = self.tool_calls(out)
+        delta: dict[str, Any] = {"content": content}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
 
 
 def _model_name(request: web.Request, parsed: OpenAIRequest) -> str:
@@ -153,7 +217,9 @@ async def handle_models(request: web.Request) -> web.Response:
 def _make_requests(engine: EngineClient, parsed: OpenAIRequest, images: list[Any]) -> list[EngineRequest]:
     """One engine request per (prompt, sample). A chat is sent as its messages: the engine renders the template,
     each image part becoming the model's placeholder for the next of ``images`` (decoded and prepared in order)."""
-    prompts: list[Any] = [parsed.messages] if parsed.messages else parsed.prompts
+    tools = parsed.tools
+    chat = ChatPrompt(parsed.messages, tools.render_tools, need_tool_template=tools.kind == "auto")
+    prompts: list[Any] = [chat] if parsed.messages else parsed.prompts
     configs = parsed.sequence_configs()
     return [engine.request(prompt, config, images) for prompt in prompts for config in configs]
 
@@ -199,12 +265,16 @@ async def _stream(request: web.Request, answer: _Answer, group: RequestGroup) ->
             async for index, out in outputs:
                 if out.num_new_tokens:
                     choice = answer.delta_choice(index, out.delta_text, out, None)
-                    lp = choice["logprobs"]
-                    # A token with no text yet (a split character, a stop-string prefix, the EOS) sends nothing.
-                    if out.delta_text or (lp is not None and (lp.get("content") or lp.get("tokens"))):
+                    lp = choice and choice["logprobs"]
+                    has_logprobs = lp is not None and (lp.get("content") or lp.get("tokens"))
+                    # A token with no text yet (a split character, a stop-string prefix, the EOS) sends nothing;
+                    # an echoed prompt's chunk always goes.
+                    if choice and (out.delta_text or choice.get("text") or has_logprobs):
                         await resp.write(_event(answer.chunk([choice])))
                 if out.finished:
                     finals[index] = out
+                    if (final := answer.final_delta(index, out)) is not None:
+                        await resp.write(_event(answer.chunk([final])))
                     finish = answer.delta_choice(index, "", out, out.finish_reason)
                     await resp.write(_event(answer.chunk([finish])))
         if answer.parsed.include_usage:

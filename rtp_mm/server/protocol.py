@@ -14,6 +14,12 @@ no space after the colon, and the stream ends with the literal ``data:[done]``.
 ``images`` (alias ``urls``) is a list of references for one prompt, or one list per prompt of ``prompt_batch``; see
 ``images`` for the accepted forms and limits.
 
+``calculate_loss`` adds ``"loss"`` (1: exp of the mean cross-entropy over the prompt's tokens, i.e. the perplexity,
+as RTP-LLM computes it although its docs say "sum"; 2: the per-token list, one entry per prompt token after the first)
+and ``return_logits`` adds ``"logits"`` (the raw logits that produced the last generated token, at ``select_tokens_id``
+plus the ids of ``select_tokens_str``, as one row ``[[...]]``) to the one-sequence shape; with ``num_return_sequences``
+neither is returned, as in RTP-LLM.
+
 Deviations: a message list under ``prompt``/``messages`` (RTP-LLM's "chatapi" format) is refused with 507 until the
 chat renderer exists; token-id prompts are not accepted here (the offline API takes them).
 """
@@ -40,7 +46,9 @@ MAX_SEQUENCES_PER_REQUEST = 1024
 STREAM_DONE = b"data:[done]\r\n\r\n"
 
 # RTP-LLM's aliases, applied only when the canonical name is absent.
-_CONFIG_ALIASES = {"gen_length": "max_new_tokens"}
+_CONFIG_ALIASES = {"gen_length": "max_new_tokens", "output_logits": "return_logits"}
+# RTP-LLM's validate() answers these with 507 (ERROR_INPUT_FORMAT_ERROR), not 516 like other generate_config fields.
+_INPUT_FORMAT_FIELDS = ("calculate_loss",)
 # Unknown-fields policy. RTP-LLM GenerateConfig fields that do not change the generated text are accepted and
 # ignored; those that would change the answer are refused (516) when set, rather than silently not honoured; any
 # other name inside generate_config is a typo, refused with 516. Top-level keys that are no GenerateConfig field are
@@ -56,17 +64,14 @@ _IGNORED_CONFIG_FIELDS = (
     "pad_token_id",
     "bos_token_id",
 )
+# GenerateConfig fields whose results only the OpenAI shapes can carry: refused here rather than computed and dropped.
+_OPENAI_ONLY_FIELDS = ("logprobs", "prompt_logprobs")
 _UNSUPPORTED_CONFIG_FIELDS = (
-    "return_logits",
-    "output_logits",
     "return_hidden_states",
     "output_hidden_states",
     "return_input_ids",
     "output_input_ids",
     "return_output_ids",
-    "calculate_loss",
-    "select_tokens_id",
-    "select_tokens_str",
     "bad_words_list",
     "top_p_decay",
     "top_p_min",
@@ -163,6 +168,8 @@ def native_error(error: FieldError) -> InvalidRequest:
     """RTP-LLM's codes: a generate_config field (nested or at the top level) is 516, anything else 507."""
     config_names = {"generate_config", "generation_config", *_CONFIG_FIELDS, *_UNSUPPORTED_CONFIG_FIELDS}
     code = ErrorCode.GENERATE_CONFIG_FORMAT_ERROR if error.loc[:1] and error.loc[0] in config_names else None
+    if any(name in error.loc[:2] for name in _INPUT_FORMAT_FIELDS):
+        code = ErrorCode.INPUT_FORMAT_ERROR
     return InvalidRequest(error.message, code)
 
 
@@ -216,6 +223,13 @@ def parse_native_request(data: Any) -> NativeRequest:
     prompts, batched = _parse_prompts(body)
     merged, nested_stream = _merged_config(body)
     stream = bool(body.yield_generator or nested_stream or body.stream)
+    openai_only = sorted(k for k in _OPENAI_ONLY_FIELDS if merged.get(k) is not None)
+    if openai_only:  # accepted by GenerateConfig, but RTP-LLM's response has no place for them
+        raise InvalidRequest(
+            f"{openai_only} are returned on the OpenAI routes only (/v1/completions, /v1/chat/completions); the "
+            "native response has no field for them (use calculate_loss or return_logits here)",
+            ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
+        )
     config = GenerateConfig.from_dict(merged)
     if config.return_incremental and not stream:
         raise InvalidRequest("request is non_stream but use incremental decoder")
@@ -273,6 +287,13 @@ class SequenceView:
     text: str = ""
     finished: bool = False
     aux_info: dict[str, Any] = field(default_factory=dict)
+    loss: float | list[float] | None = None  # calculate_loss
+    logits: list[float] | None = None  # return_logits: the last token's (selected) logits
+
+
+def sequence_view(text: str, out: Any) -> SequenceView:
+    """The view of one engine output (``text`` is its cumulative text, or the delta when incremental)."""
+    return SequenceView(text, out.finished, out.aux_info, out.loss, out.logits)
 
 
 def response_body(native: NativeRequest, views: list[list[SequenceView]]) -> dict[str, Any]:
@@ -289,7 +310,14 @@ def response_body(native: NativeRequest, views: list[list[SequenceView]]) -> dic
                 }
             )
         else:
-            groups.append({"response": seqs[0].text, "finished": seqs[0].finished, "aux_info": seqs[0].aux_info})
+            view = seqs[0]
+            group = {"response": view.text, "finished": view.finished, "aux_info": view.aux_info}
+            # RTP-LLM's PipelineResponse: "loss" (a float, or the per-token list) and "logits" (one row, [[...]]).
+            if view.loss is not None:
+                group["loss"] = view.loss
+            if view.logits is not None:
+                group["logits"] = [view.logits]
+            groups.append(group)
     return {"response_batch": groups} if native.batched else groups[0]
 
 

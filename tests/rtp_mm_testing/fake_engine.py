@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rtp_mm.llm.engine.model_runner import SampledToken
+from rtp_mm.llm.engine.model_runner import SampledToken, StepOutput
 from rtp_mm.llm.engine.scheduler import ScheduledBatch
 
 VOCAB = 32000
@@ -26,7 +26,7 @@ class FakeModel:
         self.fail: Exception | None = None
         self.batches: list[ScheduledBatch] = []
 
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
         self.batches.append(batch)
         if self.fail is not None:
             error, self.fail = self.fail, None
@@ -40,4 +40,4 @@ class FakeModel:
                 script = self.tokens.get(seq.request_id)
                 token = script[n] if script is not None else fake_token(seq.request_id, n)
                 out.append(SampledToken(seq.request_id, token, None))
-        return out
+        return StepOutput(out)

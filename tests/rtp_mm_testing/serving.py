@@ -24,3 +24,10 @@ def app_for(llm: LLM, owns_llm: bool = False, **server: Any) -> web.Application:
 def background_server(llm: LLM, owns_llm: bool = False, **server: Any) -> BackgroundServer:
     """The real app for ``llm`` on a loopback port (``with background_server(llm) as url: ...``)."""
     return BackgroundServer(app_for(llm, owns_llm, **server))
+
+
+def openai_client(url: str, api_key: str = "unused") -> Any:
+    """The official ``openai`` client for a server at ``url`` (no retries: a test sees the first answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)

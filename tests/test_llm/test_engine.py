@@ -74,7 +74,7 @@ def test_the_first_output_is_the_admission_then_one_per_token():
         ([1] * 64, {}, PromptTooLongError, "prompt length 64 >= max_seq_len 64"),
         ([1, VOCAB, -3], {}, InvalidRequest, r"\[32000, -3\] are outside the vocabulary"),
         ([1, 2], {"eos_token_id": VOCAB + 1}, InvalidRequest, "eos_token_id=32001 is outside"),
-        ([1, 2], {"max_new_tokens": 0}, RtpMmError, "max_new_tokens=0"),
+        ([1, 2], {"max_new_tokens": -1}, RtpMmError, "max_new_tokens"),
         ("text", {}, InvalidRequest, "takes token ids only"),
     ],
 )

@@ -110,7 +110,7 @@ def test_boundary_values_are_accepted(field, value):
 
 
 INVALID = [
-    ("max_new_tokens", 0),
+    ("max_new_tokens", -1),  # 0 is valid: the prefill only (prompt logprobs, loss)
     ("max_new_tokens", -5),
     ("max_new_tokens", 1.5),
     ("max_new_tokens", "10"),
@@ -161,6 +161,15 @@ INVALID = [
     ("logprobs", -1),
     ("logprobs", 21),
     ("logprobs", 2.0),
+    ("prompt_logprobs", -1),
+    ("prompt_logprobs", 21),
+    ("calculate_loss", 3),
+    ("calculate_loss", -1),
+    ("calculate_loss", True),
+    ("return_logits", 1),
+    ("select_tokens_id", [1.0]),
+    ("select_tokens_id", 3),
+    ("select_tokens_str", [""]),
     ("adapter_name", 3),
 ]
 

@@ -15,6 +15,7 @@ from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import EmptyPromptError, InvalidRequest
 from rtp_mm.llm.engine.embedding import prefill_hidden
 from rtp_mm_testing.oracle import perturb, random_prompts, write_checkpoint
+from rtp_mm_testing.serving import openai_client
 from rtp_mm_testing.shared import GOLDEN as GOLDEN_ROOT
 from rtp_mm_testing.shared import require
 
@@ -188,7 +189,7 @@ def test_openai_embeddings_route(tmp_path):
     with LLM(ModelConfig(model_type="sgpt_bloom_vector", ckpt_path=str(path)), kv_cache_mem_mb=8) as llm:
         app = create_app(llm.client, Settings(model=llm.model_config, engine=llm.engine_config))
         with BackgroundServer(app) as url:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            client = openai_client(url)
             texts = ["Hello World", "search engines rank documents"]
             reply = client.embeddings.create(model="sgpt", input=texts)
             assert [d.index for d in reply.data] == [0, 1]

@@ -320,9 +320,15 @@ MALFORMED = {
     "images-not-list": ({"prompt": "Hello", "images": "cat.png"}, 400, 507),
     "too-many-sequences": ({"prompt_batch": ["a"] * 600, "num_return_sequences": 2}, 400, 507),
     "unknown-generate-config-field": ({"prompt": "Hello", "generate_config": {"max_new_tokenz": 3}}, 400, 516),
-    "unsupported-rtp-llm-field": ({"prompt": "Hello", "return_logits": True}, 400, 516),
-    "unsupported-nested-field": ({"prompt": "Hello", "generate_config": {"calculate_loss": 1}}, 400, 516),
+    "unsupported-rtp-llm-field": ({"prompt": "Hello", "return_hidden_states": True}, 400, 516),
+    "unsupported-nested-field": ({"prompt": "Hello", "generate_config": {"return_input_ids": True}}, 400, 516),
+    "calculate-loss-not-0-1-2": ({"prompt": "Hello", "generate_config": {"calculate_loss": 3}}, 400, 507),
+    "calculate-loss-top-level": ({"prompt": "Hello", "calculate_loss": -1}, 400, 507),
+    "select-token-out-of-vocab": ({"prompt": "Hello", "return_logits": True, "select_tokens_id": [10**6]}, 400, 507),
+    "select-token-negative": ({"prompt": "Hello", "output_logits": True, "select_tokens_id": [-1]}, 400, 507),
     "float-max-new-tokens": ({"prompt": "Hello", "max_new_tokens": 2.5}, 400, 516),
+    "logprobs-native": ({"prompt": "Hello", "logprobs": 2}, 400, 516),  # computed only where a shape carries it
+    "prompt-logprobs-native": ({"prompt": "Hello", "generate_config": {"prompt_logprobs": 1}}, 400, 516),
 }
 
 

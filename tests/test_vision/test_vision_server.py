@@ -21,7 +21,7 @@ import pytest
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.client import BadRequestError, Client
 from rtp_mm_testing.fake_vision import IMAGE_TOKEN, MODEL_TYPE, ROWS, make_checkpoint, picture, registered
-from rtp_mm_testing.serving import background_server
+from rtp_mm_testing.serving import background_server, openai_client
 
 NEW = 10
 GREEDY = GenerateConfig(max_new_tokens=NEW, top_k=1, ignore_eos=True)
@@ -99,7 +99,7 @@ def test_all_routes_give_the_same_greedy_text(llm, url):
             temperature=0,
             extra_configs={"ignore_eos": True},
         )
-    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    oai = openai_client(url)
     reply = oai.chat.completions.create(
         model="tiny",
         messages=_messages({"type": "image_url", "image_url": {"url": _data_url(image)}}),
@@ -145,7 +145,7 @@ def test_bad_images_fail_alone(llm, url):
     assert results["count"][0] == 400 and "not matched" in results["count"][1]["message"]
     with Client(url) as client, pytest.raises(BadRequestError, match="not a decodable image"):
         client.generate(IMAGE_TOKEN + TEXT, images=[b"not an image at all"], max_new_tokens=2)
-    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    oai = openai_client(url)
     with pytest.raises(openai.BadRequestError, match="not matched"):
         oai.chat.completions.create(
             model="tiny",

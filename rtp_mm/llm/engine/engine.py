@@ -20,12 +20,15 @@ from typing import Any, Protocol
 import torch
 
 from rtp_mm.errors import EmptyPromptError, InvalidRequest, PromptTooLongError, RequestTimeout, RtpMmError
+from rtp_mm.llm.engine import prompt_logits
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.detokenizer import IncrementalDetokenizer
+from rtp_mm.llm.engine.model_runner import StepOutput
 from rtp_mm.llm.engine.multimodal import EncodeStage, PreparedPrompt
 from rtp_mm.llm.engine.request import EngineRequest, Request
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, Scheduler
 from rtp_mm.llm.engine.stop_words import StopStringMatcher, match_stop_token_ids
+from rtp_mm.llm.engine.structured import GrammarCompiler, start_masks
 from rtp_mm.llm.models.prefix_lm import PrefixLM
 from rtp_mm.llm.models.prompt_layout import PromptLayout
 
@@ -39,7 +42,7 @@ PromptToIds = Callable[[Any, int], list[int]]
 class Runner(Protocol):
     """What the engine needs of a model runner (ModelRunner; tests substitute their own)."""
 
-    def execute(self, batch: ScheduledBatch) -> list[Any]: ...  # SampledToken per sampled sequence
+    def execute(self, batch: ScheduledBatch) -> StepOutput: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class RequestOutput:
     aux_info: dict[str, Any]
     error: RtpMmError | None = None
     accepted: bool = False  # the admission output: validated and queued for the scheduler
+    # With config.prompt_logprobs, once the prefill is done (every later output): the prompt's ids and, per position,
+    # its token's logprob plus the top-N (None at position 0). Shared with the engine: read-only.
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    loss: float | list[float] | None = None  # calculate_loss (1: perplexity, 2: per-token cross-entropy)
+    logits: list[float] | None = None  # return_logits: the raw logits that produced the last token
 
 
 @dataclass
@@ -100,6 +109,7 @@ class LLMEngine:
         self.requests: dict[int, Request] = {}
         self._encoding: dict[int, EngineRequest] = {}  # waiting in the encode stage
         self._text: dict[int, _TextState] = {}
+        self.grammars = GrammarCompiler(tokenizer, limits.vocab_size, eos_token_ids)
         self.step_count = 0
         self.last_step_ms = 0.0
 
@@ -184,6 +194,12 @@ class LLMEngine:
             vocab = limits.vocab_size
             raise InvalidRequest(f"eos_token_id={config.eos_token_id} is outside the vocabulary [0, {vocab})")
         eos = self.eos_token_ids if config.eos_token_id is None else frozenset({config.eos_token_id})
+        prompt_logprobs = prompt_logits.initial_prompt_logprobs(config, prompt_len, bool(prepared.mm_inputs))
+        encode = None if self.prompt_processor is None else lambda text: self.prompt_processor(text, 0)
+        if config.logit_bias and max(config.logit_bias) >= limits.vocab_size:
+            raise InvalidRequest(
+                f"logit_bias token id {max(config.logit_bias)} is outside the vocabulary [0, {limits.vocab_size})"
+            )
         generator = torch.Generator(device="cpu")
         generator.manual_seed(config.random_seed if config.random_seed is not None else random.getrandbits(63))
         return Request(
@@ -197,6 +213,11 @@ class LLMEngine:
             layout=layout,
             arrival_time=submitted.arrival_time,
             generator=generator,
+            grammar=self.grammars.matcher(config, frozenset() if config.ignore_eos else eos),
+            prompt_logprobs=prompt_logprobs,
+            select_token_ids=prompt_logits.select_token_ids(config, encode, limits.vocab_size)
+            if config.return_logits
+            else (),
         )
 
     def _layout(self, prompt_ids: list[int], positions: list[int] | None) -> PromptLayout:
@@ -247,22 +268,41 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
-        sampled = self.runner.execute(batch)
+        start_masks([self.requests.get(seq.request_id) for seq in batch.seqs if seq.sample], self.grammars.executor)
+        result = self.runner.execute(batch)
         self.scheduler.advance()
         self.step_count += 1
         now = time.monotonic()
-        for item in sampled:
+        for chunk in result.prompt_logprobs:
+            if (req := self.requests.get(chunk.request_id)) is not None:
+                prompt_logits.record(req, chunk)
+        for item in result.tokens:
             req = self.requests.get(item.request_id)
             if req is None:  # finished while its token was computed (the runner failed it, say): nothing to add
                 continue
             req.output_ids.append(item.token)
+            if req.grammar is not None:
+                req.grammar.consume(item.token)
             req.iter_count += 1
             if item.logprobs is not None:
                 req.output_logprobs.append(item.logprobs)
+            if item.logits is not None:
+                req.last_logits = item.logits
             if req.first_token_time is None:
                 req.first_token_time = now
             outputs.append(self._postprocess(req))
+        outputs += self._finish_prefill_only(batch)
         self.last_step_ms = (time.perf_counter() - start) * 1000
+        return outputs
+
+    def _finish_prefill_only(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Requests with max_new_tokens=0 end when their prefill does: finish reason "length", no token."""
+        outputs = []
+        for seq in batch.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is not None and seq.sampling is None and req.num_computed_tokens >= req.max_total_len:
+                self._finish(req, "length")
+                outputs.append(self._output(req, self._text[req.request_id], "", 0))
         return outputs
 
     def _encode(self) -> list[RequestOutput]:
@@ -286,6 +326,8 @@ class LLMEngine:
         if allowed_to_stop and token in req.eos_token_ids:
             reason = "stop"
         elif allowed_to_stop and cfg.stop_words_list and match_stop_token_ids(req.output_ids, cfg.stop_words_list):
+            reason = "stop"
+        elif req.grammar is not None and req.grammar.is_complete:  # a finished JSON value / regex match
             reason = "stop"
         delta = ""
         if state.detokenizer is not None:
@@ -330,7 +372,16 @@ class LLMEngine:
             aux_info=self.aux_info(req),
             error=error,
             accepted=accepted,
+            **self._prompt_results(req),
         )
+
+    @staticmethod
+    def _prompt_results(req: Request) -> dict[str, Any]:
+        """The optional per-request results of an output: prompt logprobs, loss, logits."""
+        results: dict[str, Any] = {"loss": req.loss, "logits": req.last_logits}
+        if req.config.prompt_logprobs is not None and req.prompt_logprobs_done:
+            results |= {"prompt_token_ids": req.prompt_ids, "prompt_logprobs": req.prompt_logprobs}
+        return results
 
     def _rejected(self, submitted: EngineRequest, error: RtpMmError) -> RequestOutput:
         """The output of a request that never reached the scheduler: finished, with its error."""

@@ -1,7 +1,8 @@
 """GenerateConfig: RTP-LLM's per-request generation parameters (field names and defaults of its generate_config.py).
 
 Defaults follow RTP-LLM, so the native default decoding is top-p 0.95 sampling; ``top_k=1`` is greedy. ``logprobs``
-is rtp-mm's addition (OpenAI-style top-N log-probabilities of the distribution before temperature/top-k/top-p).
+is rtp-mm's addition (OpenAI-style top-N log-probabilities of the distribution before temperature/top-k/top-p), and so
+is ``prompt_logprobs`` (the same for every prompt position, computed in the prefill; OpenAI's ``echo``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ MAX_LOGPROBS = 20
 MAX_STOP_WORDS = 16
 MAX_STOP_WORD_CHARS = 256
 MAX_STOP_WORD_TOKENS = 64
+MAX_LOGIT_BIAS = 300  # as OpenAI
+MAX_GRAMMAR_CHARS = 65536  # a regex or Lark grammar (compiled on the engine thread at admission)
+MAX_SELECT_TOKENS = 4096  # return_logits: ids of the logits to return
+MAX_SELECT_STRINGS = 256  # ... and strings, tokenized on the engine thread at admission
 
 # Strict types: JSON's 2.0 is no integer, true is no number, "42" is no seed. A float field takes integers.
 _Int = Annotated[int, Field(strict=True)]
 _Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 _Bool = Annotated[bool, Field(strict=True)]
 _StopWord = Annotated[str, Field(strict=True, min_length=1, max_length=MAX_STOP_WORD_CHARS)]
+# JSON object keys are strings: a token id key may be "123" (lax), its bias must be a real number.
+_TokenId = Annotated[int, Field(ge=0)]
+_Bias = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-100.0, le=100.0)]
 _TokenIds = Annotated[list[Annotated[_Int, Field(ge=0)]], Field(min_length=1, max_length=MAX_STOP_WORD_TOKENS)]
 
 
@@ -35,7 +43,8 @@ class GenerateConfig:
     wire protocols (the server validates request bodies against these annotations); ``validate()`` raises
     GenerateConfigError naming the field."""
 
-    max_new_tokens: Annotated[_Int, Field(ge=1)] = 1000  # effective: min(max_new_tokens, max_seq_len - prompt_len)
+    # effective: min(max_new_tokens, max_seq_len - prompt_len); 0 = prefill only (prompt logprobs, loss), no token
+    max_new_tokens: Annotated[_Int, Field(ge=0)] = 1000
     min_new_tokens: Annotated[_Int, Field(ge=0)] = 0  # EOS and stop words are ignored until this many tokens exist
     num_beams: Annotated[_Int, Field(ge=1)] = 1  # beam search is not supported (nor in RTP-LLM's C++ engine)
     num_return_sequences: Annotated[_Int, Field(ge=0)] = 0  # 0 = off; > 0 = that many sampled sequences
@@ -56,7 +65,21 @@ class GenerateConfig:
     return_incremental: _Bool = False
     # top-N logprobs per generated token (plus the chosen token)
     logprobs: Annotated[_Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # top-N logprobs per prompt position (plus the prompt's own token; position 0 has none): OpenAI's echo
+    prompt_logprobs: Annotated[_Int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    # RTP-LLM's: 0 off; 1 exp(mean cross-entropy of the prompt's tokens), i.e. perplexity; 2 the per-token list
+    calculate_loss: Annotated[_Int, Field(ge=0, le=2)] = 0
+    # RTP-LLM's: the raw logits that produced the last generated token, over select_tokens_* (all when empty)
+    return_logits: _Bool = False
+    select_tokens_id: Annotated[list[_Int], Field(max_length=MAX_SELECT_TOKENS)] = field(default_factory=list)
+    select_tokens_str: Annotated[list[_StopWord], Field(max_length=MAX_SELECT_STRINGS)] = field(default_factory=list)
     adapter_name: Annotated[str, Field(strict=True)] | None = None
+    # Added to the logits before sampling (OpenAI's logit_bias): token id -> bias; -100 bans, +100 forces.
+    logit_bias: Annotated[dict[_TokenId, _Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # Structured outputs (at most one): the answer matches this JSON schema, regex or Lark grammar (llguidance's).
+    json_schema: Annotated[dict[str, Any], Field(strict=True)] | None = None
+    regex: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
+    grammar: Annotated[str, Field(strict=True, min_length=1, max_length=MAX_GRAMMAR_CHARS)] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> GenerateConfig:
@@ -89,6 +112,13 @@ class GenerateConfig:
         self.__dict__.update(checked.__dict__)
         if self.num_beams > 1:
             raise GenerateConfigError("num_beams > 1 (beam search) is not supported; use num_return_sequences")
+        grammars = [name for name in ("json_schema", "regex", "grammar") if getattr(self, name) is not None]
+        if len(grammars) > 1:
+            raise GenerateConfigError(f"{grammars} are all set; a request takes at most one of them")
+        if self.return_logits and self.max_new_tokens == 0:
+            raise GenerateConfigError(
+                "return_logits returns the logits of the last generated token; max_new_tokens=0 generates none"
+            )
 
 
 def field_names() -> frozenset[str]:

@@ -3,7 +3,7 @@ runs the model and samples the next token of every sequence that reached its las
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,13 +23,37 @@ def kv_block_bytes(model: Decoder, block_size: int, kv_dtype: torch.dtype, int8_
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
 
+# Prompt logprobs turn at most this many rows into full-vocabulary logits at once (a 2048-token chunk of a 152k
+# vocabulary would be 1.2 GB of float32): only each row's chosen-token logprob and top-N survive a slice.
+PROMPT_LOGITS_ROWS = 256
+
+
 @dataclass(frozen=True)
 class SampledToken:
-    """One sequence's new token (and its top-N logprobs when asked for)."""
+    """One sequence's new token (and its top-N logprobs, and its raw logits for return_logits, when asked for)."""
 
     request_id: int
     token: int
     logprobs: dict[int, float] | None
+    logits: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprob entries of prompt positions [first_position, first_position + len(entries)) of one request: each the
+    logprob of the prompt's own token at that position plus the top-N alternatives (see Request.prompt_logprobs)."""
+
+    request_id: int
+    first_position: int
+    entries: list[dict[int, float]]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step computed: the new token of every sampled sequence, in batch order, and prompt logprobs."""
+
+    tokens: list[SampledToken]
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class StepInputs:
     sampled: tuple[ScheduledSeq, ...]  # the sequences those rows belong to, same order
     mm_rows: tuple[tuple[int, torch.Tensor], ...]  # (first flattened row, embeds) spliced over token embeddings
     prompt_lens: torch.Tensor | None = None  # [tokens] prompt length of each token's request (Qwen v1 NTK)
+    prompt_rows: tuple[tuple[int, ScheduledSeq], ...] = ()  # (first row, seq) of sequences wanting prompt logprobs
 
 
 class ModelRunner:
@@ -87,8 +112,11 @@ class ModelRunner:
         sampled: list[ScheduledSeq] = []
         prefills: list[PrefillChunk] = []
         mm_rows: list[tuple[int, torch.Tensor]] = []
+        prompt_rows: list[tuple[int, ScheduledSeq]] = []
         for seq in batch.seqs:
             row0 = len(ids)
+            if seq.prompt_targets:
+                prompt_rows.append((row0, seq))
             end = seq.start + seq.num_new_tokens
             ids.extend(seq.token_ids)
             positions.extend(seq.positions)
@@ -147,18 +175,47 @@ class ModelRunner:
             sampled=tuple(sampled),
             mm_rows=tuple(mm_rows),
             prompt_lens=torch.tensor(prompt_lens, dtype=torch.long, device=dev),
+            prompt_rows=tuple(prompt_rows),
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """Run one step; the new token of every sampled sequence, in batch order."""
-        logits, sampled = self.forward(batch)
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one step: the new token of every sampled sequence, in batch order, and the prompt logprobs of the
+        prompt rows that asked for them (from the same forward pass)."""
+        hidden, inputs = self.hidden_states(batch)
+        prompt = [self._prompt_logprobs(hidden, row0, seq) for row0, seq in inputs.prompt_rows]
+        sampled = inputs.sampled
         if not sampled:
-            return []
+            return StepOutput([], prompt)
+        logits = self.model.compute_logits(hidden[inputs.sample_index])
         tokens, logprobs = sample(logits, [seq.sampling for seq in sampled])
-        return [
-            SampledToken(seq.request_id, token, lp) for seq, token, lp in zip(sampled, tokens, logprobs, strict=True)
-        ]
+        return StepOutput(
+            [
+                SampledToken(seq.request_id, token, lp, _selected_logits(logits[i], seq.logits_select))
+                for i, (seq, token, lp) in enumerate(zip(sampled, tokens, logprobs, strict=True))
+            ],
+            prompt,
+        )
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, row0: int, seq: ScheduledSeq) -> PromptLogprobs:
+        """Log-softmax of the rows that predict ``seq.prompt_targets``, a slice of rows at a time; only the target's
+        logprob and the top-N of each row are kept."""
+        targets = torch.tensor(seq.prompt_targets, dtype=torch.long, device=self.device)
+        entries: list[dict[int, float]] = []
+        for lo in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            rows = hidden[row0 + lo : row0 + min(lo + PROMPT_LOGITS_ROWS, len(targets))]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)  # [rows, vocab] float32
+            chosen = logprobs.gather(1, targets[lo : lo + len(rows), None]).squeeze(1).tolist()
+            if seq.prompt_top_n:
+                top = torch.topk(logprobs, seq.prompt_top_n, dim=-1)
+                indices, values = top.indices.tolist(), top.values.tolist()
+                tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices, values, strict=True)]
+            else:
+                tops = [{} for _ in chosen]
+            for entry, target, lp in zip(tops, seq.prompt_targets[lo:], chosen, strict=False):
+                entry[target] = lp
+                entries.append(entry)
+        return PromptLogprobs(seq.request_id, seq.start + 1, entries)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[ScheduledSeq, ...]]:
@@ -188,3 +245,10 @@ class ModelRunner:
             prompt_lens=inputs.prompt_lens,
         )
         return hidden, inputs
+
+
+def _selected_logits(row: torch.Tensor, select: tuple[int, ...] | None) -> list[float] | None:
+    """return_logits: the raw logits row [vocab] at ``select`` (the whole row when empty), or None when not asked."""
+    if select is None:
+        return None
+    return (row[list(select)] if select else row).tolist()

@@ -61,6 +61,22 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     generator: torch.Generator | None = None  # per-request RNG: seeded samples independent of batch composition
+    grammar: Any = None  # structured outputs: a TokenMatcher that has consumed exactly output_ids
+    # Prompt logits (config.prompt_logprobs, calculate_loss): entry i is the logprob of prompt token i given the
+    # tokens before it (plus the top-N); entry 0 is None. Filled chunk by chunk in the prefill, complete at its end.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    loss: float | list[float] | None = None  # calculate_loss's result, once the prompt logprobs are complete
+    select_token_ids: tuple[int, ...] = ()  # return_logits: the vocabulary ids to return (all when empty)
+    last_logits: list[float] | None = None  # return_logits: the raw logits that produced the last token
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Its prefill must compute the logits of every prompt position (so it may not reuse cached prefix blocks)."""
+        return self.prompt_logprobs is not None
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) == len(self.prompt_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

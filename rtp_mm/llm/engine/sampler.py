@@ -1,7 +1,8 @@
 """Sampler: logits -> next tokens (and optional top-N logprobs), one row per sampled sequence.
 
 Order per row: logprobs are taken from the raw distribution (before any processing, as documented for
-``GenerateConfig.logprobs``); then repetition / presence / frequency penalties; EOS masked until
+``GenerateConfig.logprobs``); then ``logit_bias`` is added and the grammar's mask (structured outputs) applied; then
+repetition / presence / frequency penalties; EOS masked until
 ``min_new_tokens``; then greedy (top_k == 1 or temperature == 0) or temperature -> top-k -> top-p -> a draw from the
 request's own ``torch.Generator``, so a seeded request samples the same tokens whatever else is in the batch.
 """
@@ -61,6 +62,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingParams]) -> tuple[list[int],
     logprobs: list[dict[int, float] | None] = []
     want_logprobs = any(p.config.logprobs is not None for p in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    logits = constrain(logits, rows)
     plain = all(_is_plain_greedy(p) for p in rows)
     if plain:
         tokens = logits.argmax(dim=-1).tolist()
@@ -76,6 +78,24 @@ def sample(logits: torch.Tensor, rows: list[SamplingParams]) -> tuple[list[int],
         else:
             logprobs.append(None)
     return tokens, logprobs
+
+
+def constrain(logits: torch.Tensor, rows: list[SamplingParams]) -> torch.Tensor:
+    """logits with each row's logit_bias added and its grammar's disallowed tokens at -inf (a copy when any row has
+    either; the grammar masks were started before the forward pass, see ``structured``)."""
+    constrained = [i for i, p in enumerate(rows) if p.grammar is not None or p.config.logit_bias]
+    if not constrained:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in constrained:
+        params = rows[i]
+        if params.config.logit_bias:
+            ids = [t for t in params.config.logit_bias if t < vocab]  # admission checked them; padded vocab aside
+            logits[i, ids] += torch.tensor([params.config.logit_bias[t] for t in ids], dtype=logits.dtype)
+        if params.grammar is not None:
+            logits[i].masked_fill_(~params.grammar.allowed().to(logits.device), float("-inf"))
+    return logits
 
 
 def _is_plain_greedy(params: SamplingParams) -> bool:

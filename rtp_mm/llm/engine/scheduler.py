@@ -32,6 +32,7 @@ class SamplingParams:
     prompt_len: int
     token_ids: tuple[int, ...]  # prompt + output ids when a penalty reads them, else ()
     generator: Any  # the request's torch.Generator: seeded samples independent of batch composition
+    grammar: Any = None  # the request's TokenMatcher (structured outputs): its mask is applied before sampling
 
     @property
     def output_ids(self) -> tuple[int, ...]:
@@ -51,6 +52,11 @@ class ScheduledSeq:
     bidirectional_len: int = 0  # prompt tokens below this see each other (prefix-LM), see PromptLayout
     mm_inputs: tuple[MultimodalInput, ...] = ()  # image rows overlapping this chunk (the runner slices them)
     sampling: SamplingParams | None = None  # set when the chunk reaches the last known token: sample after it
+    # Prompt logprobs: the prompt tokens that rows [start, start + len(prompt_targets)) predict, and the top-N
+    # alternatives wanted per row (see Request.prompt_logprobs); () when not wanted or already computed.
+    prompt_targets: tuple[int, ...] = ()
+    prompt_top_n: int = 0
+    logits_select: tuple[int, ...] | None = None  # return_logits: the sampled row's logits at these ids (() = all)
 
     @property
     def num_new_tokens(self) -> int:
@@ -164,7 +170,8 @@ class Scheduler:
         # 2) Admit queued requests (not in a step that had to preempt: that would only thrash).
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            reuse = bm.lookup_prefix(req)
+            # Cached blocks skip their positions' logits, which prompt logprobs need: such a request computes them.
+            reuse = [] if req.needs_prompt_logits else bm.lookup_prefix(req)
             computed = len(reuse) * bm.block_size
             num_new = min(req.num_tokens - computed, budget)
             if req.layout.bidirectional_len and computed + num_new < req.num_prompt_tokens:
@@ -204,7 +211,7 @@ def scheduled_seq(req: Request, start: int, num_new: int) -> ScheduledSeq:
     """The frozen work item for tokens [start, start + num_new) of ``req``."""
     end = start + num_new
     sampling = None
-    if end == req.num_tokens:
+    if end == req.num_tokens and req.num_tokens < req.max_total_len:  # max_new_tokens=0: the prefill only
         cfg = req.config
         penalized = cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty
         sampling = SamplingParams(
@@ -214,7 +221,12 @@ def scheduled_seq(req: Request, start: int, num_new: int) -> ScheduledSeq:
             prompt_len=req.num_prompt_tokens,
             token_ids=tuple(req.all_token_ids) if penalized else (),
             generator=req.generator,
+            grammar=req.grammar,
         )
+    # Row p predicts prompt token p + 1 (the last prompt row predicts the first generated token).
+    prompt_targets: tuple[int, ...] = ()
+    if req.prompt_logprobs is not None and len(req.prompt_logprobs) < min(end + 1, req.num_prompt_tokens):
+        prompt_targets = tuple(req.prompt_ids[start + 1 : end + 1])
     return ScheduledSeq(
         request_id=req.request_id,
         start=start,
@@ -225,4 +237,7 @@ def scheduled_seq(req: Request, start: int, num_new: int) -> ScheduledSeq:
         bidirectional_len=req.layout.bidirectional_len if req.layout.bidirectional_len > start else 0,
         mm_inputs=tuple(mm for mm in req.mm_inputs if mm.offset < end and mm.offset + mm.embeds.shape[0] > start),
         sampling=sampling,
+        prompt_targets=prompt_targets,
+        prompt_top_n=req.config.prompt_logprobs or 0,
+        logits_select=req.select_token_ids if req.config.return_logits and sampling is not None else None,
     )
