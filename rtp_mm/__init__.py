@@ -19,6 +19,7 @@ __all__ = [
     "ServerConfig",
     "Settings",
     "WeightType",
+    "SpeculativeConfig",
 ]
 
 _EXPORTS = {
@@ -30,6 +31,7 @@ _EXPORTS = {
     "ServerConfig": "rtp_mm.config",
     "Settings": "rtp_mm.config",
     "WeightType": "rtp_mm.config",
+    "SpeculativeConfig": "rtp_mm.speculative_config",
 }
 __all__ = list(_EXPORTS)
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from rtp_mm.api.llm import LLM
     from rtp_mm.config import EngineConfig, ModelConfig, ServerConfig, Settings, WeightType
     from rtp_mm.llm.engine.generate_config import GenerateConfig
+    from rtp_mm.speculative_config import SpeculativeConfig
 
 
 def __getattr__(name: str) -> Any:

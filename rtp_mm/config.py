@@ -14,13 +14,14 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from rtp_mm.config_values import WeightType, check_local_path, is_remote
 from rtp_mm.errors import ConfigError
 from rtp_mm.model_types import resolve_model_type
+from rtp_mm.speculative_config import SpeculativeConfig, default_gen_num_per_circle, speculative_from_env
 
 DEFAULT_START_PORT = 8088
 DEFAULT_CONCURRENCY_LIMIT = 32
@@ -29,64 +30,6 @@ LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A browser origin as browsers serialise it (RFC 6454): lower-case scheme://host[:port], no path, no user info.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::(\d{1,5}))?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class WeightType(str, Enum):
-    """Weight storage / activation dtypes of RTP-LLM's WEIGHT_TYPE, with its case-insensitive aliases."""
-
-    FP16 = "FP16"
-    BF16 = "BF16"
-    FP32 = "FP32"
-    INT8 = "INT8"
-
-    @classmethod
-    def parse(cls, value: str | WeightType, variable: str = "WEIGHT_TYPE") -> WeightType:
-        if isinstance(value, WeightType):
-            return value
-        key = str(value).strip().lower()
-        found = _WEIGHT_TYPE_ALIASES.get(key)
-        if found is None:
-            accepted = "FP16 (float16), BF16 (bfloat16), FP32 (float32), INT8 (case-insensitive)"
-            raise ConfigError(f"{variable}={value!r} is not a supported weight type; accepted: {accepted}")
-        return found
-
-    @property
-    def is_float(self) -> bool:
-        return self is not WeightType.INT8
-
-
-_WEIGHT_TYPE_ALIASES = {
-    "fp16": WeightType.FP16,
-    "float16": WeightType.FP16,
-    "half": WeightType.FP16,
-    "bf16": WeightType.BF16,
-    "bfloat16": WeightType.BF16,
-    "bp16": WeightType.BF16,  # RTP-LLM accepts this typo
-    "fp32": WeightType.FP32,
-    "float32": WeightType.FP32,
-    "float": WeightType.FP32,
-    "int8": WeightType.INT8,
-}
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def check_local_path(path: str, variable: str, must_be_dir: bool = False) -> None:
-    """Paths of the seed must be local; say which variable points where when they are not."""
-    accepted = "an existing local directory" if must_be_dir else "an existing local file or directory"
-    if not isinstance(path, str):
-        raise ConfigError(f"{variable}={path!r} is not a path string; accepted: {accepted}")
-    if _is_remote(path):
-        raise ConfigError(
-            f"{variable}={path!r} must be a local path (remote URIs are not fetched by rtp-mm); accepted: {accepted}"
-        )
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{variable}={path!r} does not exist; accepted: {accepted}")
-    if must_be_dir and not p.is_dir():
-        raise ConfigError(f"{variable}={path!r} is not a directory; accepted: {accepted}")
 
 
 def _path_str(value: Any) -> Any:
@@ -184,6 +127,8 @@ class EngineConfig:
     load_ckpt_num_process: int = 1  # checkpoint loader processes; 0 = automatic
     max_num_batched_tokens: int = 0  # per-step token budget (prefill chunks + decodes); 0 = 512 on CPU, 4096 on CUDA
     device: str = "cpu"
+    speculative: SpeculativeConfig | None = None  # SP_*: draft model or prompt lookup (speculative_config.py)
+    max_lora_model_size: int = -1  # LoRA adapters loaded at once (LORA_INFO, /update); -1 = no cap, as RTP-LLM
 
     @property
     def step_token_budget(self) -> int:
@@ -194,7 +139,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _check_int(self.concurrency_limit, "CONCURRENCY_LIMIT", minimum=1)
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ConfigError(f"speculative={self.speculative!r} must be a SpeculativeConfig or None")
         _check_int(self.load_ckpt_num_process, "LOAD_CKPT_NUM_PROCESS", minimum=0)
+        _check_int(self.max_lora_model_size, "MAX_LORA_MODEL_SIZE", minimum=-1)
         _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=0)
         _check_int(self.kv_cache_blocks, "TEST_BLOCK_NUM", minimum=0)
         if isinstance(self.kv_cache_mem_mb, bool) or not isinstance(self.kv_cache_mem_mb, int):
@@ -215,7 +163,7 @@ class EngineConfig:
         ):
             raise ConfigError(f"VIT_TRT_BATCH={batch!r} must be three integers min,opt,max with 1 <= min <= opt <= max")
         _check_int(self.vit_trt_workspace_mb, "VIT_TRT_WORKSPACE_MB", minimum=1)
-        if self.trt_cache_path and _is_remote(str(self.trt_cache_path)):
+        if self.trt_cache_path and is_remote(str(self.trt_cache_path)):
             raise ConfigError(f"TRT_CACHE_PATH={self.trt_cache_path!r} must be a local folder")
 
     @property
@@ -398,7 +346,7 @@ class _EnvParser:
             act_type=act_type,
             max_seq_len=self.integer("MAX_SEQ_LEN", 0, minimum=0),
             seq_size_per_block=self.integer("SEQ_SIZE_PER_BLOCK", 8, minimum=1),
-            gen_num_per_circle=self.integer("GEN_NUM_PER_CIRCLE", 1, minimum=1),
+            gen_num_per_circle=self.integer("GEN_NUM_PER_CIRCLE", default_gen_num_per_circle(self.raw), minimum=1),
             ptuning_path=self.path("PTUNING_PATH", must_be_dir=True) or None,
             lora_infos=self.lora_infos(),
         )
@@ -425,6 +373,8 @@ class _EnvParser:
             load_ckpt_num_process=self.integer("LOAD_CKPT_NUM_PROCESS", 1, minimum=0),
             max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 0, minimum=0),
             device=device,
+            speculative=speculative_from_env(self.raw),
+            max_lora_model_size=self.integer("MAX_LORA_MODEL_SIZE", -1, minimum=-1),
         )
 
     def server(self) -> ServerConfig:

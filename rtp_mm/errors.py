@@ -72,6 +72,13 @@ class PromptTooLongError(InvalidRequest):
     error_code = ErrorCode.LONG_PROMPT_ERROR
 
 
+class UpdateError(InvalidRequest):
+    """A LoRA update (POST /update, LLM.update_adapters) that cannot be applied: a bad adapter folder, more adapters
+    than MAX_LORA_MODEL_SIZE, or a merged adapter. Nothing of the update is applied."""
+
+    error_code = ErrorCode.UPDATE_ERROR
+
+
 class CapacityExceeded(RtpMmError):
     """More requests in flight than CONCURRENCY_LIMIT allows (HTTP 409)."""
 

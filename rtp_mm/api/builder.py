@@ -20,12 +20,16 @@ from rtp_mm.errors import ConfigError
 from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
+from rtp_mm.llm.engine.kv_prefix import KVPrefix
 from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
 from rtp_mm.llm.engine.multimodal import EncodeStage, ImageEncoder
 from rtp_mm.llm.engine.scheduler import Scheduler
+from rtp_mm.llm.engine.speculative import build_speculator
 from rtp_mm.llm.engine.warmup import warm_up
+from rtp_mm.llm.lora.manager import LoraManager
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.packing import can_pack, pack_linears
+from rtp_mm.llm.models.ptuning import find_ptuning, prefix_kv
 from rtp_mm.llm.models.transforms import quantize_int8_weights, use_half_weights
 from rtp_mm.model_types import (
     ModelTypeInfo,
@@ -34,6 +38,7 @@ from rtp_mm.model_types import (
     read_config_json,
     resolve_model_type,
 )
+from rtp_mm.speculative_config import check_gen_num_per_circle
 from rtp_mm.tokenizers.loader import load_tokenizer
 from rtp_mm.vision.base import VisionModel, load_vision_model
 from rtp_mm.vision.inputs import image_encoder
@@ -94,7 +99,15 @@ def resolve_dtypes(model_config: ModelConfig, device: str) -> tuple[torch.dtype,
 
 
 def resolve_model_config(model_config: ModelConfig) -> ModelConfig:
-    """Fill in the built-in default model and a detected MODEL_TYPE; check MODEL_TYPE against the checkpoint."""
+    """Fill in the built-in default model and a detected MODEL_TYPE; check MODEL_TYPE against the checkpoint; find the
+    P-tuning prefix (PTUNING_PATH, else auto-detected), refused for a family without P-tuning."""
+    resolved = _resolve_model(model_config)
+    info = resolve_model_type(resolved.model_type)
+    ptuning_path = find_ptuning(info.family, info.name, resolved.ckpt_path, resolved.ptuning_path)
+    return dataclasses.replace(resolved, ptuning_path=ptuning_path)
+
+
+def _resolve_model(model_config: ModelConfig) -> ModelConfig:
     if not model_config.ckpt_path:
         from rtp_mm.default_model import DEFAULT_MODEL_TYPE, default_model_path
 
@@ -129,6 +142,7 @@ def check_backends(model_type: ModelTypeInfo, engine_config: EngineConfig) -> No
 
 def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_tokenizer_init: bool) -> BuiltEngine:
     """Load the model and build the engine (runs on the engine thread); ``model_config`` is already resolved."""
+    check_gen_num_per_circle(model_config.gen_num_per_circle, engine_config.speculative)
     info = resolve_model_type(model_config.model_type)
     device = engine_config.device
     dtype, weight_storage = resolve_dtypes(model_config, device)
@@ -140,6 +154,8 @@ def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_to
         device,
         num_load_processes=engine_config.load_ckpt_num_process,
     )
+    lora = LoraManager(loaded.model, info.family, loaded.family_model, engine_config.max_lora_model_size)
+    lora.start(model_config.lora_infos)  # one adapter is merged here, into the weights before their transforms
     weight_path = apply_weight_transforms(loaded, model_config, dtype, weight_storage, device)
     vision = _load_vision(info, model_config, engine_config, device, dtype)
     spec = loaded.model.spec
@@ -158,19 +174,44 @@ def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_to
             budget = min(budget, 64)
         spent = warm_up(loaded.model, budget, block_size)
         logger.info("warm-up forward of %d tokens took %.2f s (PRE_ALLOCATE_OP_MEM=1)", budget, spent)
-    num_blocks = num_kv_blocks(loaded, engine_config, dtype, block_size, max_seq_len)
+    draft = _load_draft(model_config, engine_config, dtype, device)
+    num_blocks = num_kv_blocks(loaded, engine_config, dtype, block_size, max_seq_len, draft)
     runner = ModelRunner(loaded.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
-    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=engine_config.reuse_cache)
+    runner.lora = lora
+    if model_config.ptuning_path:  # P-tuning v2: the prefix K/V in top blocks the block manager never owns
+        kv = prefix_kv(model_config.ptuning_path, spec)
+        runner.kv_prefix = KVPrefix.reserve(runner.caches, block_size, kv, -(-max_seq_len // block_size))
+        logger.info("P-tuning v2 prefix of %d tokens from %s", kv.shape[2], model_config.ptuning_path)
+    prefix = runner.kv_prefix
+    reserved = prefix.num_blocks if prefix else 0
+    bm = BlockManager(num_blocks - reserved, block_size, enable_prefix_caching=engine_config.reuse_cache)
     scheduler = Scheduler(bm, engine_config.concurrency_limit, engine_config.step_token_budget)
+    sp = engine_config.speculative
+    draft_runner = draft and ModelRunner(draft.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
+    speculator = sp and build_speculator(
+        sp.sp_type,
+        model_config.gen_num_per_circle,
+        scheduler,
+        spec.vocab_size,
+        draft_runner,
+        (sp.sp_min_token_match, sp.sp_max_token_match),
+    )
     encoder = None if vision is None else _image_encoder(vision, info, engine_config, device, dtype)
     engine = LLMEngine(
         runner,
         scheduler,
-        ModelLimits(vocab_size=spec.vocab_size, max_seq_len=max_seq_len, prefix_lm=spec.prefix_lm),
+        ModelLimits(
+            vocab_size=spec.vocab_size,
+            max_seq_len=max_seq_len,
+            prefix_lm=spec.prefix_lm,
+            prefix_len=prefix.length if prefix else 0,
+        ),
         tokenizer=tokenizer,
         eos_token_ids=eos,
         prompt_processor=None if tokenizer is None else PromptProcessor(tokenizer, vision, info),
         encode_stage=None if encoder is None else EncodeStage(encoder),
+        speculator=speculator,
+        lora=lora,
     )
     logger.info(
         "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, activations %s, weights %s",
@@ -226,6 +267,8 @@ def _load_vision(
         if engine_config.vision_backend != "torch":
             vit = "VIT_TRT=1" if engine_config.vit_trt else f"VIT_BACKEND={engine_config.vit_backend}"
             logger.warning("%s has no effect: %s has no vision encoder", vit, info.name)
+        if engine_config.extra_data_path:
+            logger.warning("EXTRA_DATA_PATH has no effect: %s reads no data beside its checkpoint", info.name)
         return None
     config = read_config_json(model_config.ckpt_path) or {}
     return load_vision_model(info.family, model_config.ckpt_path, config, engine_config.extra_data_path, device, dtype)
@@ -253,10 +296,49 @@ def _image_encoder(
     return image_encoder(vision, backend_encode_fn(vision, build, log=logger.warning), engine_config.vit_trt_batch[2])
 
 
+def _load_draft(
+    model_config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype, device: str
+) -> LoadedModel | None:
+    """Speculative decoding's draft model (SP_TYPE=vanilla), loaded as the target is, computing in its dtype."""
+    sp = engine_config.speculative
+    if sp is None or not sp.uses_draft_model:
+        return None
+    act = next(weight_type for weight_type, torch_dtype in _DTYPES.items() if torch_dtype == dtype)
+    try:
+        config = resolve_model_config(
+            dataclasses.replace(
+                model_config,
+                model_type=sp.sp_model_type,
+                ckpt_path=sp.sp_checkpoint_path,
+                tokenizer_path=sp.sp_checkpoint_path,
+                weight_type=sp.sp_weight_type or model_config.weight_type,
+                act_type=act,
+                ptuning_path=None,
+                lora_infos=None,
+            )
+        )
+    except ConfigError as e:
+        raise ConfigError(f"the draft model (SP_MODEL_TYPE / SP_CHECKPOINT_PATH): {e}") from None
+    info = resolve_model_type(config.model_type)
+    draft = load_model(info.family, info.name, config.ckpt_path, dtype, device, engine_config.load_ckpt_num_process)
+    if draft.model.spec.prefix_lm is not None:
+        raise ConfigError(f"SP_MODEL_TYPE={info.name!r} is a prefix-LM (GLM v1): it cannot serve as a draft model")
+    path = apply_weight_transforms(draft, config, dtype, resolve_dtypes(config, device)[1], device)
+    logger.info("draft model %s from %s, weights %s", info.name, config.ckpt_path, path)
+    return draft
+
+
 def num_kv_blocks(
-    loaded: LoadedModel, engine_config: EngineConfig, dtype: torch.dtype, block_size: int, max_seq_len: int
+    loaded: LoadedModel,
+    engine_config: EngineConfig,
+    dtype: torch.dtype,
+    block_size: int,
+    max_seq_len: int,
+    draft: LoadedModel | None = None,
 ) -> int:
     per_block = kv_block_bytes(loaded.model, block_size, dtype, int8_kv=engine_config.int8_kv_cache)
+    if draft is not None:  # speculative decoding: the draft holds as many blocks as the target, in the same budget
+        per_block += kv_block_bytes(draft.model, block_size, dtype, int8_kv=engine_config.int8_kv_cache)
     mem_mb = engine_config.kv_cache_mem_mb
     if engine_config.kv_cache_blocks > 0:
         budget = engine_config.kv_cache_blocks * per_block

@@ -18,19 +18,20 @@ import asyncio
 import itertools
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from rtp_mm.api import embeddings
 from rtp_mm.api.builder import BuiltEngine, ModelInfo, build_engine, check_backends, resolve_model_config
 from rtp_mm.api.prompts import PromptProcessor, refuse_images
 from rtp_mm.config import EngineConfig, ModelConfig
-from rtp_mm.errors import EngineDead, InvalidRequest, RtpMmError
+from rtp_mm.errors import CheckpointError, ConfigError, EngineDead, InvalidRequest, RtpMmError, UpdateError
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.loop import EngineLoop
 from rtp_mm.llm.engine.multimodal import EncoderInput
 from rtp_mm.llm.engine.request import EngineRequest
+from rtp_mm.llm.lora.manager import diff
 from rtp_mm.model_types import resolve_model_type
 from rtp_mm.vision.inputs import prepare_image
 
@@ -63,6 +64,11 @@ class EngineClient:
         # Unfinished streams, for fail_streams. Weak: a stream its consumer dropped unread must not stay here.
         self._streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()
         self._streams_lock = threading.Lock()  # streams are opened and finished on any event loop's thread
+        # LoRA: the loader reads adapter folders on the caller's thread (it is immutable); updates are serialised so
+        # each diffs against the last one, and the name -> path snapshot is what callers read.
+        self._lora_loader = parts.engine.lora.loader
+        self._lora_lock = threading.Lock()
+        self._adapters: dict[str, str] = self.call(lambda engine: engine.lora.infos())
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def request(
@@ -135,6 +141,44 @@ class EngineClient:
     def call(self, fn: Callable[[LLMEngine], Any], timeout: float | None = 30.0) -> Any:
         """Run ``fn(engine)`` on the engine thread between steps and return its result."""
         return self._loop.call(fn, timeout)
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------------------
+    def adapters(self) -> dict[str, str]:
+        """Name -> path of the LoRA adapters a request may select with ``adapter_name`` (a snapshot)."""
+        return dict(self._adapters)
+
+    def update_adapters(self, lora_infos: Mapping[str, str]) -> dict[str, str]:
+        """RTP-LLM's ``/update``: the adapters become ``lora_infos`` (changed or absent names removed, new ones
+        added) at once, between two engine steps; requests in flight keep the adapter they started with. The files
+        are read on this thread. UpdateError (601) when the update cannot be applied; then nothing changes."""
+        return self._update(lambda current: dict(lora_infos))
+
+    def add_adapter(self, name: str, path: str) -> dict[str, str]:
+        return self._update(lambda current: current | {name: str(path)})
+
+    def remove_adapter(self, name: str) -> dict[str, str]:
+        def without(current: dict[str, str]) -> dict[str, str]:
+            if name not in current:
+                raise UpdateError(f"LoRA adapter {name!r} is not loaded; loaded: {sorted(current)}")
+            return {k: v for k, v in current.items() if k != name}
+
+        return self._update(without)
+
+    def _update(self, change: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
+        with self._lora_lock:
+            wanted = change(dict(self._adapters))
+            remove, add = diff(self._adapters, wanted)
+            if not remove and not add:
+                return dict(self._adapters)
+            self.call(lambda engine: engine.lora.check_update(self._adapters, remove, add))
+            loaded = []
+            for name, path in add.items():
+                try:
+                    loaded.append(self._lora_loader.load(name, path))
+                except (CheckpointError, ConfigError) as e:
+                    raise UpdateError(f"LoRA adapter {name!r}: {e.message}") from e
+            self._adapters = self.call(lambda engine: engine.lora.apply(remove, loaded), timeout=None)
+            return dict(self._adapters)
 
     # ---- read-only helpers on the caller's thread ---------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
@@ -158,6 +159,22 @@ class LLM:
     ) -> torch.Tensor:
         """SGPT sentence embeddings [n, hidden] (see ``rtp_mm.api.embeddings.embed``)."""
         return self.client.embed(inputs, is_query, case_sensitive, attention_mask)
+
+    # ---- LoRA adapters (RTP-LLM's LORA_INFO and /update; select one per request with adapter_name) -------------
+    def adapters(self) -> dict[str, str]:
+        """Name -> path of the adapters a request may select."""
+        return self.client.adapters()
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> dict[str, str]:
+        """Load a PEFT LoRA folder under ``name`` (a loaded name is replaced); requests in flight are unaffected."""
+        return self.client.add_adapter(name, os.fspath(path))
+
+    def remove_adapter(self, name: str) -> dict[str, str]:
+        return self.client.remove_adapter(name)
+
+    def update_adapters(self, lora_infos: dict[str, str]) -> dict[str, str]:
+        """The adapters become ``lora_infos`` (name -> path), diffed against the loaded ones as RTP-LLM's /update."""
+        return self.client.update_adapters(lora_infos)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
     def abort(self, request_id: int) -> None:

@@ -49,6 +49,27 @@ def section_lines(heading: str, command: str, date: str, machine: str, descripti
     ]
 
 
+def record_section(
+    output: str,
+    heading: str,
+    command: str,
+    argv: list[str],
+    load_avg: tuple[float, float, float],
+    workload: str,
+    table: str,
+) -> None:
+    """Write a one-process benchmark's section (``rtp-mm bench --structured/--lora/--speculative``) to ``output``."""
+    import datetime
+    import shlex
+
+    import torch
+
+    command += f" {shlex.join(argv)}" if argv else ""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = machine_info([{"threads": torch.get_num_threads()}], load_avg)
+    write_section(Path(output), "\n".join(section_lines(heading, command, date, machine, workload, table)), heading)
+
+
 def write_section(path: Path, section: str, heading: str) -> None:
     text = path.read_text() if path.exists() else ""
     path.write_text(replace_section(text, heading, section))

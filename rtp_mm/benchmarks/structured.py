@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from rtp_mm.benchmarks.report import log, machine_info, section_lines, write_section
+from rtp_mm.benchmarks.report import log, record_section
 
 SECTION_HEADING = "## rtp bench --structured (grammar engine)"
 PROMPT = "List forty short names of fruits or vegetables as JSON."
@@ -165,12 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     table = render(decode, engines)
     print(table)
     if args.output:
-        import torch
-
-        command = "rtp-mm bench --structured" + (f" {shlex.join(argv)}" if argv else "")
-        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        machine = machine_info([{"threads": torch.get_num_threads()}], load_avg)
         workload = f"Prompt: {PROMPT!r}; schema: 40 strings of at most 24 characters (compact JSON)."
-        section = section_lines(SECTION_HEADING, command, date, machine, workload, table)
-        write_section(Path(args.output), "\n".join(section), SECTION_HEADING)
+        record_section(args.output, SECTION_HEADING, "rtp-mm bench --structured", argv, load_avg, workload, table)
     return 0

@@ -36,6 +36,9 @@ class AttnMetadata:
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] additive (0 / -inf), per step
     prefills: tuple[PrefillChunk, ...]
     block_size: int
+    # Cache positions [0, first_key) of every sequence hold no key: the pad in front of a P-tuning prefix that does
+    # not fill its reserved blocks (llm/engine/kv_prefix.py). Always masked; 0 without a prefix.
+    first_key: int = 0
 
 
 @dataclass
@@ -123,26 +126,30 @@ class Int8KVCache:
         return k.view(shape), v.view(shape)
 
 
-def causal_mask(start_pos: int, q_len: int, bidirectional_len: int = 0, device=None) -> torch.Tensor:
+def causal_mask(
+    start_pos: int, q_len: int, bidirectional_len: int = 0, device=None, first_key: int = 0
+) -> torch.Tensor:
     """Additive mask [1, 1, q_len, start_pos + q_len]: query i (at start_pos + i) sees keys <= its position, plus
-    every key below ``bidirectional_len`` (prefix-LM)."""
+    every key below ``bidirectional_len`` (prefix-LM), but none below ``first_key``."""
     total = start_pos + q_len
     q_pos = torch.arange(start_pos, total, device=device)
     key_pos = torch.arange(total, device=device)
     visible = key_pos[None, :] <= q_pos[:, None]
     if bidirectional_len:
         visible = visible | (key_pos[None, :] < bidirectional_len)
+    if first_key:
+        visible = visible & (key_pos[None, :] >= first_key)
     mask = torch.zeros(q_len, total, device=device, dtype=torch.float32)
     return mask.masked_fill_(~visible, torch.finfo(torch.float32).min)[None, None]
 
 
-def decode_mask(context_lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Additive mask [B, 1, 1, length] hiding the padded tail of each decode's gathered context."""
+def decode_mask(context_lens: torch.Tensor, length: int, first_key: int = 0) -> torch.Tensor:
+    """Additive mask [B, 1, 1, length] hiding the padded tail of each decode's gathered context (and the keys below
+    ``first_key``)."""
     key_pos = torch.arange(length, device=context_lens.device)
     mask = torch.zeros(context_lens.shape[0], 1, 1, length, device=context_lens.device, dtype=torch.float32)
-    return mask.masked_fill_(
-        key_pos[None, None, None, :] >= context_lens[:, None, None, None], torch.finfo(torch.float32).min
-    )
+    hidden = (key_pos[None, None, None, :] >= context_lens[:, None, None, None]) | (key_pos < first_key)
+    return mask.masked_fill_(hidden, torch.finfo(torch.float32).min)
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
@@ -181,10 +188,12 @@ def _decode_attention(
     kc, vc = cache.gather(meta.decode_block_tables, q.dtype)  # [B, L, KVH, D]
     if q.shape[0] == 1 and alibi_slopes is None:
         # One sequence: cut the last block's unused tail instead of masking it (no mask: SDPA's fast path).
-        ctx = meta.decode_max_context
-        return _sdpa(q[:, None], kc[:, :ctx], vc[:, :ctx], None, scale, causal=False)[:, 0]
+        ctx, first = meta.decode_max_context, meta.first_key
+        return _sdpa(q[:, None], kc[:, first:ctx], vc[:, first:ctx], None, scale, causal=False)[:, 0]
     length = kc.shape[1]
-    mask = meta.decode_mask if meta.decode_mask is not None else decode_mask(meta.decode_context_lens, length)
+    mask = meta.decode_mask
+    if mask is None:
+        mask = decode_mask(meta.decode_context_lens, length, meta.first_key)
     if alibi_slopes is not None:
         key_pos = torch.arange(length, device=q.device)
         q_pos = (meta.decode_context_lens - 1).to(torch.float32)
@@ -220,7 +229,7 @@ def paged_attention(
             kc, vc = kc[:, :total], vc[:, :total]
         mask = chunk.mask
         if mask is None:
-            mask = causal_mask(chunk.start_pos, chunk.q_len, chunk.bidirectional_len, device=q.device)
+            mask = causal_mask(chunk.start_pos, chunk.q_len, chunk.bidirectional_len, q.device, meta.first_key)
         if alibi_slopes is not None:
             q_pos = torch.arange(chunk.start_pos, total, device=q.device)
             mask = mask + alibi_bias(alibi_slopes, q_pos, total)[None]

@@ -43,7 +43,7 @@ from aiohttp import web
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
 from rtp_mm.errors import ConfigError
-from rtp_mm.server import cors, native, openai_routes, openapi, playground, shutdown
+from rtp_mm.server import adapters, cors, native, openai_routes, openapi, playground, shutdown
 from rtp_mm.server.errors import Unauthorized, error_middleware
 from rtp_mm.server.images import ImageIntake, ImageLimits, make_fetch_connector
 from rtp_mm.server.metrics import ServerMetrics
@@ -172,6 +172,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
         router.add_route("*", path, native.handle_health)
     router.add_get("/worker_status", native.handle_worker_status)
     router.add_post("/tokenizer/encode", native.handle_tokenizer_encode)
+    router.add_post("/update", adapters.handle_update)  # LoRA adapters at run time (RTP-LLM's VersionInfo body)
     router.add_get("/metrics", native.handle_metrics)
     router.add_get("/v1/models", openai_routes.handle_models)
     router.add_post("/v1/chat/completions", openai_routes.handle_chat_completions)

@@ -27,6 +27,11 @@ _VISION_COUNTERS = {
     "vision_encode_seconds": "Seconds spent in the vision encoder",
 }
 
+_SPECULATIVE_COUNTERS = {
+    "spec_proposed_tokens": "Tokens proposed by speculative decoding (draft model or prompt lookup)",
+    "spec_accepted_tokens": "Proposed tokens the target model accepted",
+}
+
 
 class _EngineCollector(Collector):
     """Turns the latest ``LLM.stats()`` snapshot (and the HTTP in-flight count) into gauges at scrape time."""
@@ -57,6 +62,12 @@ class _EngineCollector(Collector):
             "rtp_mm_preemptions", "Requests preempted for lack of KV blocks", value=s["num_preemptions"]
         )
         yield CounterMetricFamily("rtp_mm_engine_steps", "Engine steps run", value=s["step_count"])
+        if "spec_proposed_tokens" in s:  # speculative decoding (SP_TYPE): proposals and how many the model kept
+            for key, help_text in _SPECULATIVE_COUNTERS.items():
+                yield CounterMetricFamily(f"rtp_mm_{key}", help_text, value=s[key])
+            yield GaugeMetricFamily(
+                "rtp_mm_spec_acceptance_rate", "Accepted / proposed tokens since start", value=s["spec_acceptance_rate"]
+            )
         if "vision_cache_hits" in s:  # a vision model: its encoder cache and ViT batches
             for key, help_text in _VISION_COUNTERS.items():
                 yield CounterMetricFamily(f"rtp_mm_{key}", help_text, value=s[key])

@@ -43,12 +43,11 @@ logger = logging.getLogger(__name__)
 def _make_requests(engine: EngineClient, native: NativeRequest, images: list[Any]) -> list[EngineRequest]:
     """One engine request per (prompt, sequence) pair, prompt-major; the engine tokenizes and validates them (the
     encoder cache serves a prompt's images to all its sequences)."""
-    configs = native.sequence_configs()
     groups = native_image_groups(native, images) if images else [[] for _ in native.prompts]
     return [
         engine.request(prompt, config, group)
-        for prompt, group in zip(native.prompts, groups, strict=True)
-        for config in configs
+        for index, (prompt, group) in enumerate(zip(native.prompts, groups, strict=True))
+        for config in native.prompt_configs(index)
     ]
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 from rtp_mm.api import ChatPrompt, EngineRequest, RequestOutput
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.errors import InvalidRequest, RtpMmError
+from rtp_mm.server.adapters import adapter_for_model, adapter_models
 from rtp_mm.server.errors import InvalidParam, describe_error, openai_error_body
 from rtp_mm.server.generation import RequestGroup
 from rtp_mm.server.intake import load_images, read_body, sequence_slots
@@ -211,7 +212,7 @@ async def handle_models(request: web.Request) -> web.Response:
         "model_type": info.model_type.name,  # rtp-mm's additions (the playground reads them)
         "vision": engine.vision is not None,
     }
-    return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
+    return web.json_response({"object": "list", "data": [model, *adapter_models(engine, model)]}, dumps=dumps)
 
 
 def _make_requests(engine: EngineClient, parsed: OpenAIRequest, images: list[Any]) -> list[EngineRequest]:
@@ -221,6 +222,9 @@ def _make_requests(engine: EngineClient, parsed: OpenAIRequest, images: list[Any
     chat = ChatPrompt(parsed.messages, tools.render_tools, need_tool_template=tools.kind == "auto")
     prompts: list[Any] = [chat] if parsed.messages else parsed.prompts
     configs = parsed.sequence_configs()
+    adapter = adapter_for_model(engine, parsed.model, parsed.config.adapter_name)
+    if adapter != parsed.config.adapter_name:  # `model` names a LoRA adapter (server/adapters.py)
+        configs = [config.updated(adapter_name=adapter) for config in configs]
     return [engine.request(prompt, config, images) for prompt in prompts for config in configs]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from rtp_mm.server.adapters import UpdateBody
 from rtp_mm.server.openai_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from rtp_mm.server.protocol import NativeRequestBody, TokenizerEncodeBody
 
@@ -45,6 +46,7 @@ _OPENAI_ERROR = {
 _POSTS: tuple[tuple[str, type[BaseModel], str, bool, bool], ...] = (
     ("/", NativeRequestBody, "Generate (RTP-LLM's native request; SSE with yield_generator)", True, True),
     ("/tokenizer/encode", TokenizerEncodeBody, "Token ids and token texts of a prompt", False, False),
+    ("/update", UpdateBody, "LoRA adapters become peft_info.lora_info (RTP-LLM hot update)", False, False),
     ("/v1/chat/completions", ChatCompletionRequest, "OpenAI chat completions", True, True),
     ("/chat/completions", ChatCompletionRequest, "RTP-LLM's alias of /v1/chat/completions", True, True),
     ("/v1/completions", CompletionRequest, "OpenAI completions", True, False),

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model
 
 from rtp_mm.api import GenerateConfig
 from rtp_mm.errors import EmptyPromptError, ErrorCode, InvalidRequest, NotImplementedYetError
@@ -86,6 +86,9 @@ def _config_fields() -> dict[str, Any]:
     hints = get_type_hints(GenerateConfig, include_extras=True)
     fields = {f.name: (Optional[hints[f.name]], None) for f in dataclasses.fields(GenerateConfig)}  # noqa: UP045
     fields.update({alias: fields[name] for alias, name in _CONFIG_ALIASES.items()})
+    # RTP-LLM: one LoRA adapter for every prompt, or a list aligned with prompt_batch (NativeRequest.prompt_configs);
+    # null or "" is the base model
+    fields["adapter_name"] = (Optional[StrictStr | list[StrictStr | None]], None)  # noqa: UP045
     return fields
 
 
@@ -142,6 +145,7 @@ class NativeRequest:
     config: GenerateConfig
     stream: bool
     images: list[Any] = field(default_factory=list)
+    adapter_names: list[str | None] | None = None  # adapter_name given as a list: one per prompt
 
     @property
     def num_sequences(self) -> int:
@@ -162,6 +166,13 @@ class NativeRequest:
         if seed is None or self.num_sequences == 1:
             return [self.config] * self.num_sequences
         return [self.config.updated(random_seed=seed + j) for j in range(self.num_sequences)]
+
+    def prompt_configs(self, index: int) -> list[GenerateConfig]:
+        """``sequence_configs`` of prompt ``index``: with its own adapter when adapter_name was a list."""
+        configs = self.sequence_configs()
+        if self.adapter_names is None:
+            return configs
+        return [config.updated(adapter_name=self.adapter_names[index]) for config in configs]
 
 
 def native_error(error: FieldError) -> InvalidRequest:
@@ -230,6 +241,12 @@ def parse_native_request(data: Any) -> NativeRequest:
             "native response has no field for them (use calculate_loss or return_logits here)",
             ErrorCode.GENERATE_CONFIG_FORMAT_ERROR,
         )
+    adapter_names = merged.pop("adapter_name") if isinstance(merged.get("adapter_name"), list) else None
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise InvalidRequest(
+            f"adapter_name is not alignment: {len(adapter_names)} names for {len(prompts)} prompts (a name, or a "
+            "list with one name per prompt of prompt_batch)"
+        )
     config = GenerateConfig.from_dict(merged)
     if config.return_incremental and not stream:
         raise InvalidRequest("request is non_stream but use incremental decoder")
@@ -239,7 +256,7 @@ def parse_native_request(data: Any) -> NativeRequest:
         raise InvalidRequest(f"images must be {shape}")
     if batched and images and len(images) != len(prompts):
         raise InvalidRequest(f"images must be a list of {len(prompts)} lists, one per prompt of prompt_batch")
-    native = NativeRequest(prompts=prompts, batched=batched, config=config, stream=stream, images=images)
+    native = NativeRequest(prompts, batched, config, stream, images, adapter_names)
     if native.total_sequences > MAX_SEQUENCES_PER_REQUEST:
         raise InvalidRequest(
             f"{len(prompts)} prompts x {native.num_sequences} sequences = {native.total_sequences} exceeds the "

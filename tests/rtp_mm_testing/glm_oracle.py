@@ -34,13 +34,15 @@ def glm_v1_reference_logits(
     geglu: bool,
     alpha: float,
     eps: float = 1e-5,
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """[T, vocab] logits of one full-sequence forward (no cache) of a GLM v1-skeleton model in fp32.
 
     Built from the description only: [T, H, 3, D] per-head fused qkv, rotate-half rotary with fp16-rounded
     frequencies (2D: head halves by position and block position), keys before <sop> visible to every query
     (masked scores filled with -10000), DeepNorm residual, LayerNorm, tanh-GELU MLP or GeGLU x1 * gelu(x2), output
-    tied to the word embeddings.
+    tied to the word embeddings. ``prefix`` (P-tuning v2) gives each layer's past (K, V) [P, H, D], used as stored
+    (never rotated) and visible to every query, as ChatGLM-6B's ``past_key_values``.
     """
     w = {k: v.float() for k, v in state.items()}
     emb = w["transformer.word_embeddings.weight"]
@@ -86,8 +88,12 @@ def glm_v1_reference_logits(
             k = torch.cat((rotate(k[..., :half], pos), rotate(k[..., half:], block)), -1)
         else:
             q, k = rotate(q, pos), rotate(k, pos)
+        keys_visible = visible
+        if prefix is not None:
+            k, v = torch.cat((prefix[i][0].float(), k)), torch.cat((prefix[i][1].float(), v))
+            keys_visible = torch.cat((torch.ones(n, prefix[i][0].shape[0], dtype=torch.bool), visible), dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
-        probs = scores.masked_fill(~visible, -10000.0).softmax(-1)
+        probs = scores.masked_fill(~keys_visible, -10000.0).softmax(-1)
         attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, hidden)
         x = h * alpha + linear(attn, "attention.dense")
         h = norm(x, "post_attention_layernorm")
@@ -200,3 +206,39 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, fmt: str, shards:
         weight_map.update(dict.fromkeys(part, file))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())}}
     (folder / f"{stem}{suffix}.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+
+
+def tiny_glm(seed: int = 5, rope_parameters: dict | None = None, vocab_size: int = 320):
+    """A tiny random transformers GlmForCausalLM (ChatGLM2/3's architecture: partial rotary, GQA, q/k/v biases) with
+    non-trivial biases and norms (random init leaves them at 0 and 1)."""
+    from transformers import GlmConfig, GlmForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GlmConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        attention_bias=True,
+        rope_parameters={
+            "partial_rotary_factor": 0.5,
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            **(rope_parameters or {}),
+        },
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = GlmForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.normal_(1, 0.2)
+    return model

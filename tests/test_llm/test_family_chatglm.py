@@ -25,6 +25,7 @@ from rtp_mm_testing.glm_oracle import (
     read_bin_checkpoint,
     reference_greedy,
     save_sharded,
+    tiny_glm,
 )
 from rtp_mm_testing.oracle import check_parity, random_prompts, tiny_llm
 from rtp_mm_testing.shared import GOLDEN
@@ -292,40 +293,6 @@ def test_glm_130b_against_reference(tmp_path):
 # ---- ChatGLM2 / ChatGLM3 against transformers' GlmForCausalLM ---------------------------------------------------
 
 
-def _tiny_glm(seed: int, rope_parameters: dict):
-    from transformers import GlmConfig, GlmForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GlmConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=512,
-        attention_bias=True,
-        rope_parameters={
-            "partial_rotary_factor": 0.5,
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            **rope_parameters,
-        },
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = GlmForCausalLM(cfg).eval()
-    with torch.no_grad():  # random init leaves biases and norms trivial
-        for name, p in model.named_parameters():
-            if name.endswith("proj.bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.normal_(1, 0.2)
-    return model
-
-
 @pytest.mark.parametrize(
     "model_type,fmt,rope_ratio,rope_parameters",
     [
@@ -336,7 +303,7 @@ def _tiny_glm(seed: int, rope_parameters: dict):
     ],
 )
 def test_chatglm2_3_against_transformers_glm(tmp_path, model_type, fmt, rope_ratio, rope_parameters):
-    model = _tiny_glm(11, rope_parameters)
+    model = tiny_glm(11, rope_parameters)
     folder = tmp_path / model_type
     save_sharded(glm_to_chatglm2_state(model), folder, fmt)
     extra = {"rope_ratio": rope_ratio} if rope_ratio else {}

@@ -96,11 +96,13 @@ class BlockManager:
     @staticmethod
     def _root_hash(req: Request) -> bytes:
         """Parent of a request's first block. A prefix-LM prompt's K/V depend on its whole bidirectional part, so its
-        blocks are only shared between requests whose bidirectional parts are identical."""
+        blocks are only shared between requests whose bidirectional parts are identical. A LoRA adapter changes every
+        K/V, so its requests' blocks chain from the adapter's identity (unique per load, llm/lora/manager.py)."""
+        root = b"" if req.adapter is None else hash_block(b"lora", [req.adapter.uid])
         bidirectional_len = req.layout.bidirectional_len
         if not bidirectional_len:
-            return b""
-        return hash_block(b"prefix-lm", req.prompt_ids[:bidirectional_len])
+            return root
+        return hash_block(root + b"prefix-lm", req.prompt_ids[:bidirectional_len])
 
     def lookup_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest full-block prefix of ``req``, leaving at least one token to compute."""
@@ -169,6 +171,19 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         req.block_table = []
+
+    def truncate(self, req: Request, num_tokens: int) -> None:
+        """Release the blocks of ``req`` past its first ``num_tokens`` tokens (the KV of rejected speculative tokens).
+        They held no computed token, so no hash: they go to the front of the free list, reused before cached blocks."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in req.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                self._free.move_to_end(block_id, last=False)
+        del req.block_table[keep:]
 
     def forget(self, req: Request) -> None:
         """Drop per-request memo state once the request is finished for good."""

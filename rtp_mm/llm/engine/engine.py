@@ -27,8 +27,10 @@ from rtp_mm.llm.engine.model_runner import StepOutput
 from rtp_mm.llm.engine.multimodal import EncodeStage, PreparedPrompt
 from rtp_mm.llm.engine.request import EngineRequest, Request
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, Scheduler
+from rtp_mm.llm.engine.speculative import Speculator
 from rtp_mm.llm.engine.stop_words import StopStringMatcher, match_stop_token_ids
 from rtp_mm.llm.engine.structured import GrammarCompiler, start_masks
+from rtp_mm.llm.lora.manager import LoraManager, resolve_adapter
 from rtp_mm.llm.models.prefix_lm import PrefixLM
 from rtp_mm.llm.models.prompt_layout import PromptLayout
 
@@ -52,6 +54,7 @@ class ModelLimits:
     vocab_size: int
     max_seq_len: int
     prefix_lm: PrefixLM | None = None  # GLM v1/130B: the prompt layout rule (prefix_lm.py)
+    prefix_len: int = 0  # P-tuning v2: prefix keys every request attends to (kv_prefix.py), aux_info.prefix_len
 
 
 @dataclass
@@ -97,6 +100,8 @@ class LLMEngine:
         eos_token_ids: frozenset[int] = frozenset(),
         prompt_processor: PromptToIds | None = None,
         encode_stage: EncodeStage | None = None,
+        speculator: Speculator | None = None,
+        lora: LoraManager | None = None,
     ):
         self.runner = runner
         self.scheduler = scheduler
@@ -106,6 +111,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids
         self.prompt_processor = prompt_processor
         self.encode_stage = encode_stage
+        self.speculator = speculator  # speculative decoding (SP_TYPE): proposals verified in one forward
+        self.lora = lora  # LoRA adapters requests select by adapter_name (llm/lora); None: none can be loaded
         self.requests: dict[int, Request] = {}
         self._encoding: dict[int, EngineRequest] = {}  # waiting in the encode stage
         self._text: dict[int, _TextState] = {}
@@ -213,6 +220,7 @@ class LLMEngine:
             layout=layout,
             arrival_time=submitted.arrival_time,
             generator=generator,
+            adapter=resolve_adapter(self.lora, config.adapter_name),  # held to the end, whatever /update does
             grammar=self.grammars.matcher(config, frozenset() if config.ignore_eos else eos),
             prompt_logprobs=prompt_logprobs,
             select_token_ids=prompt_logits.select_token_ids(config, encode, limits.vocab_size)
@@ -253,6 +261,8 @@ class LLMEngine:
             return False
         self.scheduler.finish(req, reason)
         self._text.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
         return True
 
     @property
@@ -268,6 +278,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
+        if self.speculator is not None:
+            batch = self.speculator.propose(batch, self.requests)
         start_masks([self.requests.get(seq.request_id) for seq in batch.seqs if seq.sample], self.grammars.executor)
         result = self.runner.execute(batch)
         self.scheduler.advance()
@@ -292,6 +304,8 @@ class LLMEngine:
                 req.first_token_time = now
             outputs.append(self._postprocess(req))
         outputs += self._finish_prefill_only(batch)
+        if self.speculator is not None:  # accepted KV kept, rejected blocks freed, one output per request
+            outputs = self.speculator.settle(batch, result, outputs, self.requests)
         self.last_step_ms = (time.perf_counter() - start) * 1000
         return outputs
 
@@ -394,11 +408,11 @@ class LLMEngine:
         return {
             "cost_time": (time.monotonic() - req.arrival_time) * 1000,
             "iter_count": req.iter_count,
-            "prefix_len": 0,
+            "prefix_len": self.limits.prefix_len,
             "input_len": req.num_prompt_tokens,
             "reuse_len": req.reuse_len,
             "output_len": len(req.output_ids),
-        }
+        } | (self.speculator.aux_info(req) if self.speculator is not None else {})
 
     def _expire_timeouts(self) -> list[RequestOutput]:
         outputs = []
@@ -441,6 +455,8 @@ class LLMEngine:
         }
         if self.encode_stage is not None:
             stats.update(self.encode_stage.report())  # encoder-cache hits/misses, images encoded, ViT batches
+        if self.speculator is not None:
+            stats.update(self.speculator.report())  # proposed and accepted tokens
         return stats
 
 

@@ -3,13 +3,17 @@ runs the model and samples the next token of every sequence that reached its las
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from rtp_mm.kernels.attention import AttnMetadata, Int8KVCache, KVCache, PrefillChunk, causal_mask, decode_mask
+from rtp_mm.llm.engine.kv_prefix import KVPrefix
+from rtp_mm.llm.engine.rejection import verify
 from rtp_mm.llm.engine.sampler import sample
 from rtp_mm.llm.engine.scheduler import ScheduledBatch, ScheduledSeq
+from rtp_mm.llm.lora.manager import LoraManager
 from rtp_mm.llm.models.decoder import Decoder
 
 
@@ -86,6 +90,8 @@ class ModelRunner:
         self.dtype = model.act_dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_prefix: KVPrefix | None = None  # P-tuning v2: blocks every sequence attends to first (kv_prefix.py)
+        self.lora: LoraManager | None = None  # LoRA adapters: each forward applies its sequences' adapters (llm/lora)
         spec = model.spec
         kv_dtype = kv_dtype or self.dtype
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -120,7 +126,10 @@ class ModelRunner:
             end = seq.start + seq.num_new_tokens
             ids.extend(seq.token_ids)
             positions.extend(seq.positions)
-            seq_lens.extend([end] * seq.num_new_tokens)
+            # A proposed token's row sees the length plain decoding would give it (dynamic rope, logn).
+            proposed = len(seq.proposal) if seq.proposal is not None else 0
+            known = end - proposed
+            seq_lens.extend([known] * (seq.num_new_tokens - proposed) + list(range(known + 1, end + 1)))
             prompt_lens.extend([seq.prompt_len] * seq.num_new_tokens)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(seq.start, end))
@@ -143,7 +152,7 @@ class ModelRunner:
                 if lo < hi:
                     mm_rows.append((row0 + lo - seq.start, mm.embeds[lo - mm.offset : hi - mm.offset]))
             if seq.sample:
-                sample_rows.append(len(ids) - 1)
+                sample_rows.extend(range(len(ids) - 1 - proposed, len(ids)))  # speculative: every row verifies
                 sampled.append(seq)
         decodes = batch.decodes
         if decodes:
@@ -165,6 +174,8 @@ class ModelRunner:
             prefills=tuple(prefills),
             block_size=bs,
         )
+        if self.kv_prefix is not None:
+            meta = self.kv_prefix.attn_metadata(meta)
         dev = self.device
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -188,6 +199,8 @@ class ModelRunner:
         if not sampled:
             return StepOutput([], prompt)
         logits = self.model.compute_logits(hidden[inputs.sample_index])
+        if any(seq.proposal is not None for seq in sampled):  # speculative decoding (rejection.py)
+            return StepOutput([SampledToken(*emitted) for emitted in verify(logits, sampled)], prompt)
         tokens, logprobs = sample(logits, [seq.sampling for seq in sampled])
         return StepOutput(
             [
@@ -235,15 +248,16 @@ class ModelRunner:
             embeds = self.model.embed_tokens(safe_ids)
             for row, rows in inputs.mm_rows:
                 embeds[row : row + rows.shape[0]] = rows.to(embeds.dtype)
-        hidden = self.model(
-            inputs.input_ids,
-            inputs.positions,
-            inputs.meta,
-            self.caches,
-            seq_lens=inputs.seq_lens,
-            inputs_embeds=embeds,
-            prompt_lens=inputs.prompt_lens,
-        )
+        with self.lora.step(batch.seqs) if self.lora is not None else nullcontext():
+            hidden = self.model(
+                inputs.input_ids,
+                inputs.positions,
+                inputs.meta,
+                self.caches,
+                seq_lens=inputs.seq_lens,
+                inputs_embeds=embeds,
+                prompt_lens=inputs.prompt_lens,
+            )
         return hidden, inputs
 
 

@@ -68,6 +68,9 @@ class Request:
     loss: float | list[float] | None = None  # calculate_loss's result, once the prompt logprobs are complete
     select_token_ids: tuple[int, ...] = ()  # return_logits: the vocabulary ids to return (all when empty)
     last_logits: list[float] | None = None  # return_logits: the raw logits that produced the last token
+    adapter: Any = None  # the LoRA adapter (llm/lora LoraAdapter) chosen at admission, kept to the end; None: base
+    num_proposed: int = 0  # speculative decoding: tokens proposed for this request, and how many the target kept
+    num_accepted: int = 0
 
     @property
     def needs_prompt_logits(self) -> bool:

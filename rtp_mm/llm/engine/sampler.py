@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.scheduler import SamplingParams
 
 
@@ -110,16 +111,26 @@ def _is_plain_greedy(params: SamplingParams) -> bool:
 
 
 def _sample_row(row: torch.Tensor, params: SamplingParams) -> int:
-    cfg = params.config
+    row = masked_logits(row, params)
+    if params.config.is_greedy():
+        return int(row.argmax())
+    return int(torch.multinomial(sampling_probs(row, params.config), 1, generator=params.generator))
+
+
+def masked_logits(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """A row [vocab] after the penalties and the EOS mask before min_new_tokens: what greedy takes the argmax of.
+    Speculative verification (``rejection``) processes target and draft rows with this and ``sampling_probs``."""
     row = apply_penalties(row, params)
     # A user-supplied eos_token_id may be outside the vocabulary: it can never be drawn, so it needs no mask.
     eos = [t for t in params.eos_token_ids if t < row.shape[0]]
-    if params.num_output_tokens < cfg.min_new_tokens and eos:
+    if params.num_output_tokens < params.config.min_new_tokens and eos:
         row = row.clone()
         row[eos] = float("-inf")
-    if cfg.is_greedy():
-        return int(row.argmax())
+    return row
+
+
+def sampling_probs(row: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
+    """The distribution [vocab] a sampled request draws from: temperature, top-k, top-p over ``masked_logits``."""
     # A tiny temperature scales the logits to inf (inf - inf = NaN in softmax); below the floor it is greedy anyway.
-    row = filter_top_k_top_p(row / max(cfg.temperature, MIN_TEMPERATURE), cfg.top_k, cfg.top_p)
-    probs = row.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=params.generator))
+    row = filter_top_k_top_p(row / max(config.temperature, MIN_TEMPERATURE), config.top_k, config.top_p)
+    return row.softmax(-1)

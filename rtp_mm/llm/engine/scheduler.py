@@ -18,6 +18,7 @@ from typing import Any
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.multimodal import MultimodalInput
+from rtp_mm.llm.engine.proposal import Proposal
 from rtp_mm.llm.engine.request import Request, RequestStatus
 from rtp_mm.llm.models.prompt_layout import Position
 
@@ -57,6 +58,10 @@ class ScheduledSeq:
     prompt_targets: tuple[int, ...] = ()
     prompt_top_n: int = 0
     logits_select: tuple[int, ...] | None = None  # return_logits: the sampled row's logits at these ids (() = all)
+    adapter: Any = None  # the request's LoRA adapter (llm/lora LoraAdapter), None: the base model
+    # Speculative decoding: the last len(proposal) of token_ids are proposed, not known; every row from the last
+    # known token on is verified (speculative.py). Set only on sampled sequences.
+    proposal: Proposal | None = None
 
     @property
     def num_new_tokens(self) -> int:
@@ -240,4 +245,5 @@ def scheduled_seq(req: Request, start: int, num_new: int) -> ScheduledSeq:
         prompt_targets=prompt_targets,
         prompt_top_n=req.config.prompt_logprobs or 0,
         logits_select=req.select_token_ids if req.config.return_logits and sampling is not None else None,
+        adapter=req.adapter,
     )

@@ -51,6 +51,8 @@ GLM_130B_DEFAULTS: dict[str, Any] = dict(
 
 
 CHATGLM_6B_ALPHA_LAYERS = 28
+# A P-tuning v2 prefix encoder saved with the model becomes KV blocks (ptuning.py), never decoder weights.
+PREFIX_ENCODER = r"transformer\.prefix_encoder\..*"
 
 
 def deinterleave_qkv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -65,14 +67,13 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check_unsupported(config: dict[str, Any]) -> None:
-    """Quantized and P-tuned ChatGLM releases carry extra tensors and change the maths: refuse them by name."""
+    """Quantized ChatGLM releases carry extra tensors and change the maths: refuse them by name. (A P-tuned one's
+    ``pre_seq_len`` and prefix encoder are read by ptuning.py, not by the decoder.)"""
     if config.get("quantization_bit"):
         raise CheckpointError(
             f"config.json quantization_bit={config['quantization_bit']}: quantized ChatGLM checkpoints are not "
             "supported; load the fp16 release (WEIGHT_TYPE=INT8 quantizes at load time)"
         )
-    if config.get("pre_seq_len"):
-        raise CheckpointError(f"config.json pre_seq_len={config['pre_seq_len']}: P-tuning prefixes are not supported")
 
 
 def _v1_table(num_heads: int, geglu: bool) -> WeightTable:
@@ -141,7 +142,7 @@ def _glm_v1_build(config: dict[str, Any], keys: set[str], glm_130b: bool) -> Fam
         prefix_lm=PrefixLM(sop_id=sop, mask_ids=mask_ids, gmask_id=gmask, two_d=two_d),
     )
     # The per-layer rotary inv_freq buffers are saved but never loaded by the original (it rebuilds them in fp16).
-    drop = (r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq",)
+    drop = (r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq", PREFIX_ENCODER)
     if tied:
         drop += (r"lm_head\.weight",)
     return FamilyModel(spec=spec, table=_v1_table(heads, geglu=glm_130b), drop=drop)
@@ -220,7 +221,7 @@ def chatglm2_build(config: dict[str, Any], keys: set[str], model_type: str) -> F
         tie_word_embeddings=tied,
         default_max_seq_len=int(get(config, "seq_length", default=8192)),
     )
-    drop = (r"transformer\.rotary_pos_emb\.inv_freq",)
+    drop = (r"transformer\.rotary_pos_emb\.inv_freq", PREFIX_ENCODER)
     if tied:
         drop += (r"transformer\.output_layer\.weight",)
     return FamilyModel(spec=spec, table=V2_TABLE, drop=drop)
@@ -254,6 +255,7 @@ FAMILIES = (
         **chatglm_names("chatglm"),
         layout="glm_v1",
         tokenizer="rtp_mm.tokenizers.glm:load_chatglm",
+        ptuning=True,
     ),
     # GLM-130B ships no config.json (nothing to detect) and reads ChatGLM-6B's layout; its icetk tokenizer has no
     # adapter, so it takes a tokenizer.json or runs on token ids.
@@ -266,6 +268,7 @@ FAMILIES = (
         detect=is_chatglm2_config,
         layout="glm_v2",
         tokenizer="rtp_mm.tokenizers.glm:load_chatglm2",
+        ptuning=True,
     ),
     Family(
         "chatglm3",
@@ -273,5 +276,6 @@ FAMILIES = (
         chatglm2_build,
         layout="glm_v2",
         tokenizer="rtp_mm.tokenizers.glm:load_chatglm3",
+        ptuning=True,
     ),
 )

@@ -57,6 +57,9 @@ class Family:
     # "module:function" (ckpt_path, config, extra_data_path, device, dtype) -> VisionModel; "" = text only.
     vision: str = ""
     embedding: bool = False  # an embedding model: pooled vectors, no generation
+    # A P-tuning v2 prefix (PTUNING_PATH) means past K/V fed before a prompt whose positions still start at 0
+    # (ChatGLM's prefix encoder, ptuning.py); families without that meaning refuse a prefix at start-up.
+    ptuning: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_types:
