@@ -61,3 +61,13 @@ def default_hf_model():
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def url(llm):
+    """The real server for the requesting module's ``llm`` fixture, on a loopback port (modules that need other
+    server settings define their own ``url``)."""
+    from rtp_mm_testing.serving import background_server
+
+    with background_server(llm) as url:
+        yield url

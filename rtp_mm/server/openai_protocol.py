@@ -47,6 +47,10 @@ MAX_TOOLS = 128
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 _Stop = _Text | Annotated[list[_Text], Field(max_length=MAX_STOP)]
+# A completion's prompt or an embedding's input: a text, token ids, or a list of either.
+_Texts = (
+    _Text | _TokenIds | Annotated[list[_Text], Field(min_length=1)] | Annotated[list[_TokenIds], Field(min_length=1)]
+)
 
 
 # ---- the wire models (``/openapi.json`` is generated from them) ----------------------------------------------------
@@ -188,12 +192,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: (
-        _Text
-        | _TokenIds
-        | Annotated[list[_Text], Field(min_length=1)]
-        | Annotated[list[_TokenIds], Field(min_length=1)]
-    )
+    prompt: _Texts
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool | None = None  # the prompt before the completion, in text and logprobs
     # 0: no completion, the prompt only (with echo: its logprobs, what lm-eval's loglikelihood asks for)
@@ -203,12 +202,7 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Body):
-    input: (
-        _Text
-        | _TokenIds
-        | Annotated[list[_Text], Field(min_length=1)]
-        | Annotated[list[_TokenIds], Field(min_length=1)]
-    )
+    input: _Texts
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None

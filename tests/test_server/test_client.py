@@ -42,12 +42,6 @@ def llm(tmp_path_factory):
     llm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
-
-
 @pytest.fixture
 def client(url):
     with Client(url) as client:

@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from rtp_mm import LLM, ModelConfig
 from rtp_mm.server.openapi import openapi_document
 from rtp_mm_testing.oracle import TINY_CHAT_TEMPLATE, tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny tokenizer for tests."]
 SCHEMA_EXAMPLES = 150  # per POST operation (6), besides the GET operations
@@ -66,12 +65,6 @@ def llm(tmp_path_factory):
     llm = LLM(ModelConfig(model_type="llama", ckpt_path=path, max_seq_len=32), kv_cache_mem_mb=16)
     yield llm
     llm.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
 
 
 class Tally:

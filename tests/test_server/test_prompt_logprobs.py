@@ -16,7 +16,7 @@ import torch
 
 from rtp_mm import LLM, ModelConfig
 from rtp_mm_testing.oracle import tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server, openai_client
+from rtp_mm_testing.serving import openai_client
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny tokenizer for tests."]
 PROMPT = "The quick brown fox"
@@ -45,12 +45,6 @@ def hf(path):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

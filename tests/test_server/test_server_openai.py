@@ -36,12 +36,6 @@ def llm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def client(url):
     return openai_client(url)
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rtp_mm import LLM, ModelConfig
 from rtp_mm_testing.oracle import tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server, openai_client
+from rtp_mm_testing.serving import background_server, openai_client, start_server_process
 
 GREEDY = {"top_k": 1, "ignore_eos": True}
 LONG = 3000  # max_new_tokens of a request that runs for seconds
@@ -46,12 +43,6 @@ def llm(ckpt):
     )
     yield llm
     llm.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
 
 
 def _call(url: str, path: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, object]:
@@ -203,40 +194,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(ckpt):
         urllib.request.urlopen(url + "/health", timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_start_server_module_serves_and_stops_on_sigterm(ckpt):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "CHECKPOINT_PATH": str(ckpt),
-        "MODEL_TYPE": "llama",
-        "START_PORT": str(port),
-        "HOST": "127.0.0.1",
-        "MAX_SEQ_LEN": "256",
-        "KV_CACHE_MEM_MB": "8",
-        "LOG_LEVEL": "INFO",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "rtp_mm.start_server"], env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server_process(ckpt, MAX_SEQ_LEN="256", KV_CACHE_MEM_MB="8")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if _call(url, "/health")[0] == 200:
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.2)
         status, body = _call(url, "/", {"prompt": "Hello world", "max_new_tokens": 4, **GREEDY})
         assert status == 200 and body["aux_info"]["output_len"] == 4
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert f"rtp-mm serving llama on http://127.0.0.1:{port}" in stderr
+    assert f"rtp-mm serving llama on {url}" in stderr
     assert '"POST / HTTP/1.1" 200' in stderr  # access log at INFO

@@ -11,11 +11,7 @@ on 2 CPU cores, slower as they grow), so they are still running when it runs out
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +22,7 @@ import pytest
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm_testing.oracle import tiny_bpe_tokenizer, tiny_llama
-from rtp_mm_testing.serving import background_server
+from rtp_mm_testing.serving import background_server, start_server_process
 
 TIMEOUT_S = 5
 EXIT_WITHIN_S = 8  # the acceptance bound: the timeout plus a few seconds
@@ -41,12 +37,6 @@ def ckpt(tmp_path_factory) -> Path:
     tiny_llama(path, seed=5, max_position_embeddings=LONG + 64)
     tiny_bpe_tokenizer(path, ["Hello world, the quick brown fox.", "Streaming responses arrive."])
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Stream(threading.Thread):
@@ -80,30 +70,10 @@ def _openai_body() -> dict:
 
 
 def test_sigterm_ends_long_streams_with_an_error_event_and_exits_within_the_timeout(ckpt):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "CHECKPOINT_PATH": str(ckpt),
-        "MODEL_TYPE": "llama",
-        "START_PORT": str(port),
-        "HOST": "127.0.0.1",
-        "MAX_SEQ_LEN": str(LONG + 64),
-        "KV_CACHE_MEM_MB": "64",
-        "SHUTDOWN_TIMEOUT_S": str(TIMEOUT_S),
-        "LOG_LEVEL": "INFO",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "rtp_mm.start_server"], env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server_process(
+        ckpt, MAX_SEQ_LEN=str(LONG + 64), KV_CACHE_MEM_MB="64", SHUTDOWN_TIMEOUT_S=str(TIMEOUT_S)
+    )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.2)
         native = _Stream(
             url + "/",
             {"prompt": "Hello", "yield_generator": True, "return_incremental": True, "max_new_tokens": LONG, **GREEDY},

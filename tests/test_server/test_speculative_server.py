@@ -43,12 +43,6 @@ def llm(ckpt):
     llm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
-
-
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url + "/", data=json.dumps(body).encode(), method="POST")
     with urllib.request.urlopen(request, timeout=120) as response:

@@ -21,7 +21,7 @@ import pytest
 from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.client import BadRequestError, Client
 from rtp_mm_testing.fake_vision import IMAGE_TOKEN, MODEL_TYPE, ROWS, make_checkpoint, picture, registered
-from rtp_mm_testing.serving import background_server, openai_client
+from rtp_mm_testing.serving import openai_client
 
 NEW = 10
 GREEDY = GenerateConfig(max_new_tokens=NEW, top_k=1, ignore_eos=True)
@@ -46,12 +46,6 @@ def llm(tmp_path_factory):
         llm = LLM(ModelConfig(model_type=MODEL_TYPE, ckpt_path=str(path), weight_type="FP32"), kv_cache_mem_mb=16)
     yield llm
     llm.shutdown()
-
-
-@pytest.fixture(scope="module")
-def url(llm):
-    with background_server(llm) as url:
-        yield url
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
