@@ -20,6 +20,7 @@ __all__ = [
     "Settings",
     "WeightType",
     "SpeculativeConfig",
+    "ParallelConfig",
 ]
 
 _EXPORTS = {
@@ -32,6 +33,7 @@ _EXPORTS = {
     "Settings": "rtp_mm.config",
     "WeightType": "rtp_mm.config",
     "SpeculativeConfig": "rtp_mm.speculative_config",
+    "ParallelConfig": "rtp_mm.parallel_config",
 }
 __all__ = list(_EXPORTS)
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from rtp_mm.api.llm import LLM
     from rtp_mm.config import EngineConfig, ModelConfig, ServerConfig, Settings, WeightType
     from rtp_mm.llm.engine.generate_config import GenerateConfig
+    from rtp_mm.parallel_config import ParallelConfig
     from rtp_mm.speculative_config import SpeculativeConfig
 
 

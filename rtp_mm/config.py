@@ -21,6 +21,7 @@ from typing import Any
 from rtp_mm.config_values import WeightType, check_local_path, is_remote
 from rtp_mm.errors import ConfigError
 from rtp_mm.model_types import resolve_model_type
+from rtp_mm.parallel_config import ParallelConfig, parallel_from_env
 from rtp_mm.speculative_config import SpeculativeConfig, default_gen_num_per_circle, speculative_from_env
 
 DEFAULT_START_PORT = 8088
@@ -123,12 +124,13 @@ class EngineConfig:
     trt_cache_path: str = ""  # engine cache folder; "" = cache_dir() / "trt"
     vit_trt_batch: tuple[int, int, int] = (1, 8, 16)  # TensorRT optimization profile of the batch axis: min, opt, max
     vit_trt_workspace_mb: int = 4096  # TensorRT builder workspace limit
-    ft_disable_custom_ar: bool = False  # no custom all-reduce under TP (no effect at TP size 1)
+    ft_disable_custom_ar: bool = False  # True only for FT_DISABLE_CUSTOM_AR=1: NCCL/gloo all-reduce only (collectives)
     load_ckpt_num_process: int = 1  # checkpoint loader processes; 0 = automatic
     max_num_batched_tokens: int = 0  # per-step token budget (prefill chunks + decodes); 0 = 512 on CPU, 4096 on CUDA
     device: str = "cpu"
     speculative: SpeculativeConfig | None = None  # SP_*: draft model or prompt lookup (speculative_config.py)
     max_lora_model_size: int = -1  # LoRA adapters loaded at once (LORA_INFO, /update); -1 = no cap, as RTP-LLM
+    parallel: ParallelConfig = ParallelConfig()  # TP_SIZE, WORLD_SIZE, RANK ... (parallel_config.py)
 
     @property
     def step_token_budget(self) -> int:
@@ -141,6 +143,8 @@ class EngineConfig:
         _check_int(self.concurrency_limit, "CONCURRENCY_LIMIT", minimum=1)
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ConfigError(f"speculative={self.speculative!r} must be a SpeculativeConfig or None")
+        if not isinstance(self.parallel, ParallelConfig):
+            raise ConfigError(f"parallel={self.parallel!r} must be a ParallelConfig")
         _check_int(self.load_ckpt_num_process, "LOAD_CKPT_NUM_PROCESS", minimum=0)
         _check_int(self.max_lora_model_size, "MAX_LORA_MODEL_SIZE", minimum=-1)
         _check_int(self.max_num_batched_tokens, "MAX_NUM_BATCHED_TOKENS", minimum=0)
@@ -369,12 +373,14 @@ class _EnvParser:
             trt_cache_path=self.raw("TRT_CACHE_PATH") or "",
             vit_trt_batch=self.batch_profile("VIT_TRT_BATCH", (1, 8, 16)),
             vit_trt_workspace_mb=self.integer("VIT_TRT_WORKSPACE_MB", 4096, minimum=1),
-            ft_disable_custom_ar=self.flag("FT_DISABLE_CUSTOM_AR", False),
+            # The seed: 1 disables the custom all-reduce, any other value leaves it on (so "2" starts).
+            ft_disable_custom_ar=self.raw("FT_DISABLE_CUSTOM_AR") == "1",
             load_ckpt_num_process=self.integer("LOAD_CKPT_NUM_PROCESS", 1, minimum=0),
             max_num_batched_tokens=self.integer("MAX_NUM_BATCHED_TOKENS", 0, minimum=0),
             device=device,
             speculative=speculative_from_env(self.raw),
             max_lora_model_size=self.integer("MAX_LORA_MODEL_SIZE", -1, minimum=-1),
+            parallel=parallel_from_env(self.raw, self.integer),
         )
 
     def server(self) -> ServerConfig:

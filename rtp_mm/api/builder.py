@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from rtp_mm.api.prompts import PromptProcessor
+from rtp_mm.api.tp_launch import check_tensor_parallel, start_group, stop_group
 from rtp_mm.config import EngineConfig, ModelConfig, WeightType
 from rtp_mm.errors import ConfigError
+from rtp_mm.kernels.collectives import TPGroup
 from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
@@ -25,12 +27,13 @@ from rtp_mm.llm.engine.model_runner import ModelRunner, kv_block_bytes
 from rtp_mm.llm.engine.multimodal import EncodeStage, ImageEncoder
 from rtp_mm.llm.engine.scheduler import Scheduler
 from rtp_mm.llm.engine.speculative import build_speculator
+from rtp_mm.llm.engine.tp import ShardDriver
 from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.lora.manager import LoraManager
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.packing import can_pack, pack_linears
 from rtp_mm.llm.models.ptuning import find_ptuning, prefix_kv
-from rtp_mm.llm.models.transforms import quantize_int8_weights, use_half_weights
+from rtp_mm.llm.models.transforms import quantize_int8_weights, resident_weight_bytes, use_half_weights
 from rtp_mm.model_types import (
     ModelTypeInfo,
     check_model_type_matches,
@@ -65,6 +68,7 @@ class ModelInfo:
     dtype: torch.dtype  # activations and KV cache
     weight_path: str  # how the weight matmuls run (logged, and reported by the bench)
     eos_token_ids: frozenset[int]  # the model's (a request may name its own eos_token_id)
+    rank_weight_bytes: tuple[int, ...] = ()  # resident weight bytes per tensor-parallel rank (one entry without TP)
 
 
 @dataclass
@@ -140,12 +144,27 @@ def check_backends(model_type: ModelTypeInfo, engine_config: EngineConfig) -> No
         cuda_identity(engine_config.device)
 
 
-def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_tokenizer_init: bool) -> BuiltEngine:
-    """Load the model and build the engine (runs on the engine thread); ``model_config`` is already resolved."""
-    check_gen_num_per_circle(model_config.gen_num_per_circle, engine_config.speculative)
+@dataclass
+class ModelParts:
+    """What every tensor-parallel rank builds alike: its model shard, warmed up, and the runner over its KV cache."""
+
+    loaded: LoadedModel
+    runner: ModelRunner
+    lora: LoraManager
+    dtype: torch.dtype
+    weight_path: str
+    max_seq_len: int
+    num_blocks: int
+    draft: LoadedModel | None
+    rank_weight_bytes: tuple[int, ...]  # resident weight bytes of every rank, in rank order
+
+
+def build_model(model_config: ModelConfig, engine_config: EngineConfig, group: TPGroup | None) -> ModelParts:
+    """Load (this rank's shard of) the model, transform its weights, warm it up, size the KV cache and make the runner.
+    Every rank of a tensor-parallel group runs this in step: its collectives (warm-up, the KV block count) pair up."""
     info = resolve_model_type(model_config.model_type)
-    device = engine_config.device
-    dtype, weight_storage = resolve_dtypes(model_config, device)
+    device = str(group.device) if group is not None else engine_config.device
+    dtype, weight_storage = resolve_dtypes(model_config, engine_config.device)
     loaded = load_model(
         info.family,
         info.name,
@@ -153,31 +172,72 @@ def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_to
         dtype,
         device,
         num_load_processes=engine_config.load_ckpt_num_process,
+        tp=group,
+        split_vocab=engine_config.tp_split_emb_and_lmhead,
     )
     lora = LoraManager(loaded.model, info.family, loaded.family_model, engine_config.max_lora_model_size)
+    if group is not None:
+        lora.unsupported = f"LoRA adapters are not sharded under tensor parallelism (TP_SIZE={group.size})"
     lora.start(model_config.lora_infos)  # one adapter is merged here, into the weights before their transforms
-    weight_path = apply_weight_transforms(loaded, model_config, dtype, weight_storage, device)
-    vision = _load_vision(info, model_config, engine_config, device, dtype)
+    weight_path = apply_weight_transforms(loaded, model_config, dtype, weight_storage, engine_config.device)
     spec = loaded.model.spec
     max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
+    block_size = model_config.seq_size_per_block
+    if engine_config.pre_allocate_op_mem:
+        # CUDA: the whole step budget, so its activation memory is held before KV sizing. CPU: KV sizing does
+        # not measure free memory, so a short forward that initialises the kernels is enough.
+        budget = min(engine_config.step_token_budget, max_seq_len - 1)
+        if engine_config.device == "cpu":
+            budget = min(budget, 64)
+        spent = warm_up(loaded.model, budget, block_size)
+        logger.info("warm-up forward of %d tokens took %.2f s (PRE_ALLOCATE_OP_MEM=1)", budget, spent)
+    draft = _load_draft(model_config, engine_config, dtype, engine_config.device)
+    num_blocks = num_kv_blocks(loaded, engine_config, dtype, block_size, max_seq_len, draft)
+    if group is not None:  # free memory may differ between ranks: all take the smallest count
+        num_blocks = group.all_min(num_blocks)
+    runner = ModelRunner(loaded.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
+    runner.lora = lora
+    weight_bytes = resident_weight_bytes(loaded.model)
+    per_rank = tuple(group.all_gather_ints(weight_bytes)) if group is not None else (weight_bytes,)
+    if group is not None and group.rank == 0:
+        logger.warning("tensor-parallel weights per rank: %s MiB", ", ".join(f"{b / 2**20:.1f}" for b in per_rank))
+    return ModelParts(loaded, runner, lora, dtype, weight_path, max_seq_len, num_blocks, draft, per_rank)
+
+
+def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_tokenizer_init: bool) -> BuiltEngine:
+    """Load the model and build the engine (runs on the engine thread); ``model_config`` is already resolved.
+
+    With TP_SIZE > 1 this is rank 0: it starts (or joins) the group first, and on failure takes the group down."""
+    check_gen_num_per_circle(model_config.gen_num_per_circle, engine_config.speculative)
+    group = None
+    if engine_config.parallel.enabled:
+        check_tensor_parallel(model_config, engine_config)
+        group = start_group(model_config, engine_config)
+    try:
+        return _build_engine(model_config, engine_config, skip_tokenizer_init, group)
+    except BaseException:
+        if group is not None:
+            stop_group(group)
+        raise
+
+
+def _build_engine(
+    model_config: ModelConfig, engine_config: EngineConfig, skip_tokenizer_init: bool, group: TPGroup | None
+) -> BuiltEngine:
+    info = resolve_model_type(model_config.model_type)
+    device = str(group.device) if group is not None else engine_config.device
+    parts = build_model(model_config, engine_config, group)
+    loaded, runner, lora, dtype = parts.loaded, parts.runner, parts.lora, parts.dtype
+    weight_path, max_seq_len, num_blocks, draft = parts.weight_path, parts.max_seq_len, parts.num_blocks, parts.draft
+    driver = ShardDriver(group, runner, lambda: stop_group(group)) if group is not None else None
+    vision = _load_vision(info, model_config, engine_config, device, dtype)
+    spec = loaded.model.spec
     tokenizer = None if skip_tokenizer_init else load_tokenizer(model_config.tokenizer_path, info.family)
     eos = loaded.eos_token_ids()
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = frozenset({tokenizer.eos_token_id})
     eos |= getattr(tokenizer, "extra_eos_token_ids", frozenset())  # e.g. ChatGLM3's <|user|>
     block_size = model_config.seq_size_per_block
-    if engine_config.pre_allocate_op_mem:
-        # CUDA: the whole step budget, so its activation memory is held before KV sizing. CPU: KV sizing does
-        # not measure free memory, so a short forward that initialises the kernels is enough.
-        budget = min(engine_config.step_token_budget, max_seq_len - 1)
-        if device == "cpu":
-            budget = min(budget, 64)
-        spent = warm_up(loaded.model, budget, block_size)
-        logger.info("warm-up forward of %d tokens took %.2f s (PRE_ALLOCATE_OP_MEM=1)", budget, spent)
-    draft = _load_draft(model_config, engine_config, dtype, device)
-    num_blocks = num_kv_blocks(loaded, engine_config, dtype, block_size, max_seq_len, draft)
-    runner = ModelRunner(loaded.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)
-    runner.lora = lora
     if model_config.ptuning_path:  # P-tuning v2: the prefix K/V in top blocks the block manager never owns
         kv = prefix_kv(model_config.ptuning_path, spec)
         runner.kv_prefix = KVPrefix.reserve(runner.caches, block_size, kv, -(-max_seq_len // block_size))
@@ -213,6 +273,7 @@ def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_to
         speculator=speculator,
         lora=lora,
     )
+    engine.shard_driver = driver
     logger.info(
         "engine ready: %s, %d KV blocks x %d tokens (%d tokens), max_seq_len %d, activations %s, weights %s",
         info.name,
@@ -233,6 +294,7 @@ def build_engine(model_config: ModelConfig, engine_config: EngineConfig, skip_to
         dtype=dtype,
         weight_path=weight_path,
         eos_token_ids=eos,
+        rank_weight_bytes=parts.rank_weight_bytes,
     )
     return BuiltEngine(engine, model_info, tokenizer, vision, loaded.model)
 

@@ -58,11 +58,10 @@ def _pool(client: Any, padded: list[list[int]], masks: list[list[int]]) -> torch
     spans = [embedding.real_span(m) for m in masks]
     real = [ids[lo:hi] for ids, (lo, hi) in zip(padded, spans, strict=True)]
     info = client.info
-    block_size = info.model_config.seq_size_per_block
     hidden: list[torch.Tensor] = []
     for group in embedding.batch_by_tokens(real, info.engine_config.step_token_budget):
         # On the engine thread, between steps: the forward never races a generation step for the model.
-        hidden += client.call(lambda _engine, g=group: embedding.prefill_hidden(client.model, g, block_size), 600.0)
+        hidden += client.call(lambda engine, g=group: engine.runner.prefill_hidden(g), 600.0)
     pooled = [embedding.pool_padded(h, m, span) for h, m, span in zip(hidden, masks, spans, strict=True)]
     if not pooled:
         return torch.zeros(0, info.hidden_size)

@@ -40,7 +40,11 @@ class EngineClient:
     """Thread-safe. Invariant: engine state is only ever touched on the engine thread."""
 
     def __init__(
-        self, model_config: ModelConfig, engine_config: EngineConfig | None = None, skip_tokenizer_init: bool = False
+        self,
+        model_config: ModelConfig,
+        engine_config: EngineConfig | None = None,
+        skip_tokenizer_init: bool = False,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ):
         engine_config = engine_config or EngineConfig()
         model_config = resolve_model_config(model_config)
@@ -51,7 +55,7 @@ class EngineClient:
             built.append(build_engine(model_config, engine_config, skip_tokenizer_init))
             return built[0].engine
 
-        self._loop = EngineLoop(build)
+        self._loop = EngineLoop(build, on_fatal=on_fatal)  # on_fatal: a tensor-parallel rank failed
         parts = built[0]
         self.info: ModelInfo = parts.info
         self.tokenizer = parts.tokenizer

@@ -29,6 +29,7 @@ import asyncio
 import hmac
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -42,7 +43,7 @@ from aiohttp import web
 
 from rtp_mm.api.engine_client import EngineClient
 from rtp_mm.config import Settings
-from rtp_mm.errors import ConfigError
+from rtp_mm.errors import ConfigError, EngineDead
 from rtp_mm.server import adapters, cors, native, openai_routes, openapi, playground, shutdown
 from rtp_mm.server.errors import Unauthorized, error_middleware
 from rtp_mm.server.images import ImageIntake, ImageLimits, make_fetch_connector
@@ -116,14 +117,14 @@ def served_model_name(configured: str, ckpt_path: str, fallback: str) -> str:
     return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
-def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
+def _resources(given: EngineClient | None, owns_engine: bool, on_fatal: Any = None) -> Any:
     """The one cleanup context: the engine (loaded here when ``given`` is None), the image-decoding pool and the
     image-fetch session, all released on cleanup (after in-flight requests finished)."""
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS_KEY]
         owned = owns_engine or given is None
-        engine = given or await asyncio.to_thread(EngineClient, settings.model, settings.engine)
+        engine = given or await asyncio.to_thread(EngineClient, settings.model, settings.engine, on_fatal=on_fatal)
         app[ENGINE_KEY] = engine
         info = engine.info
         app[MODEL_NAME_KEY] = served_model_name(
@@ -150,10 +151,13 @@ def _resources(given: EngineClient | None, owns_engine: bool) -> Any:
     return resources
 
 
-def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: bool = False) -> web.Application:
+def create_app(
+    engine: EngineClient | None, settings: Settings, *, owns_engine: bool = False, on_fatal: Any = None
+) -> web.Application:
     """The aiohttp app serving ``engine`` (None: loaded from ``settings`` at start-up and owned by the app).
 
-    With ``owns_engine`` a given engine is also shut down on cleanup."""
+    With ``owns_engine`` a given engine is also shut down on cleanup; ``on_fatal`` goes to the engine it loads (see
+    EngineLoop)."""
     server = settings.server
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware, auth_middleware],
@@ -163,7 +167,7 @@ def create_app(engine: EngineClient | None, settings: Settings, *, owns_engine: 
     app[SETTINGS_KEY] = settings
     app[LIMITER_KEY] = ConcurrencyLimiter(settings.engine.concurrency_limit)
     app[METRICS_KEY] = ServerMetrics()
-    app.cleanup_ctx.append(_resources(engine, owns_engine))
+    app.cleanup_ctx.append(_resources(engine, owns_engine, on_fatal))
     shutdown.install(app)
     router = app.router
     router.add_post("/", native.handle_generate)
@@ -215,7 +219,14 @@ def run_server(settings: Settings) -> None:
     host = settings.server.host
     sockets = bind_sockets(host, settings.server.start_port)
     port = sockets[0].getsockname()[1]  # START_PORT=0 binds a free port: announce the one taken
-    app = create_app(None, settings)
+    fatal: list[BaseException] = []
+
+    def stop_serving(error: BaseException) -> None:
+        # On the engine thread, after every request got its error: the usual graceful shutdown, then exit status 1.
+        fatal.append(error)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    app = create_app(None, settings, on_fatal=stop_serving)
 
     def announce(_aiohttp_banner: str) -> None:
         # WARNING so that the one start-up line shows under the default LOG_LEVEL=WARNING.
@@ -236,6 +247,8 @@ def run_server(settings: Settings) -> None:
     finally:
         for sock in sockets:  # already closed when the server ran; not when start-up failed
             sock.close()
+    if fatal:
+        raise EngineDead(f"the engine stopped: {fatal[0]}")
 
 
 class BackgroundServer:

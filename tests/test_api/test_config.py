@@ -24,6 +24,7 @@ from rtp_mm.config import (
     trt_cache_path,
 )
 from rtp_mm.errors import ConfigError
+from rtp_mm.parallel_config import ParallelConfig
 
 
 @pytest.fixture
@@ -316,7 +317,6 @@ FLAG_VARS = [
     ("TP_SPLIT_EMB_AND_LMHEAD", lambda s: s.engine.tp_split_emb_and_lmhead, True),
     ("REUSE_CACHE", lambda s: s.engine.reuse_cache, False),
     ("VIT_TRT", lambda s: s.engine.vit_trt, False),
-    ("FT_DISABLE_CUSTOM_AR", lambda s: s.engine.ft_disable_custom_ar, False),
 ]
 
 
@@ -329,6 +329,36 @@ def test_flag_variables(var, get, default) -> None:
         assert get(parse(**{var: value})) is False, value
     for value in ("2", "maybe", "-1"):
         assert_rejected({var: value}, var, repr(value), "1/0")
+
+
+def test_ft_disable_custom_ar_is_exactly_1() -> None:
+    """The seed: 1 disables the custom all-reduce, any other value enables it (so "2" starts)."""
+    assert parse(FT_DISABLE_CUSTOM_AR="1").engine.ft_disable_custom_ar is True
+    for value in ("0", "2", "true", "yes", "anything"):
+        assert parse(FT_DISABLE_CUSTOM_AR=value).engine.ft_disable_custom_ar is False, value
+    assert Settings.from_env({}).engine.ft_disable_custom_ar is False
+
+
+def test_parallel_variables() -> None:
+    """TP_SIZE alone: a local launch; torchrun's variables: a launched rank; TP_SIZE must equal WORLD_SIZE."""
+    assert Settings.from_env({}).engine.parallel == ParallelConfig()
+    local = parse(TP_SIZE="4").engine.parallel
+    assert (local.tp_size, local.rank, local.launched, local.master_port) == (4, 0, False, 0)
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    p = parse(**torchrun).engine.parallel
+    assert (p.tp_size, p.rank, p.local_rank, p.master_addr, p.master_port, p.launched) == (
+        2,
+        1,
+        1,
+        "10.0.0.1",
+        29500,
+        True,
+    )
+    assert parse(WORLD_SIZE="2", WORLD_RANK="1", MASTER_PORT="29500").engine.parallel.rank == 1  # RTP-LLM's name
+    assert_rejected({"TP_SIZE": "2", "WORLD_SIZE": "4", "MASTER_PORT": "1"}, "TP_SIZE=2", "WORLD_SIZE=4")
+    assert_rejected({"TP_SIZE": "0"}, "TP_SIZE")
+    assert_rejected({"TP_SIZE": "2", "RANK": "2"}, "RANK=2", "TP_SIZE=2")
+    assert_rejected({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_PORT")
 
 
 # --- LOG_LEVEL, LORA_INFO, server extras ------------------------------------------------------------------------------

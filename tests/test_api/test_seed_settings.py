@@ -4,8 +4,8 @@ The seed's Config.md lists environment variables (its two tables and its notes) 
 ``test_every_seed_setting_has_a_probe`` parses it, so a seed entry without a probe here fails. Every probe starts
 tiny models with two values of its setting and shows an observable difference (tokens, logprobs, KV blocks, dtypes,
 aux_info, logs, a server's log) or a start-up refusal whose message names the setting. Variables go through
-``LLM.from_env`` (the server's parser), fields through ``ModelConfig``. WAITING names the settings whose documented
-effect belongs to open work, with the reason; their probes check what holds now and will hold then.
+``LLM.from_env`` (the server's parser), fields through ``ModelConfig``. WAITING would name settings whose documented
+effect belongs to open work, with the reason (none now: the tensor-parallel flags have TP_SIZE=2 probes).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from rtp_mm import LLM, GenerateConfig, ModelConfig
 from rtp_mm.errors import RtpMmError
 from rtp_mm.speculative_config import SpeculativeConfig
 from rtp_mm_testing.llava import SIZES, image, processor, save_llava, tiny_llava
-from rtp_mm_testing.oracle import random_prompts, tiny_bpe_tokenizer, tiny_llama
+from rtp_mm_testing.oracle import TINY_LLAMA, random_prompts, tiny_bpe_tokenizer, tiny_llama
 from rtp_mm_testing.shared import GOLDEN, REPO_ROOT, SEED_CONFIG, require
 
 PROMPTS = random_prompts(320, [10, 7, 13], seed=0)
@@ -47,11 +47,7 @@ ENV_OF = {  # the seed's ModelConfig fields that also have a variable
     "max_seq_len": "MAX_SEQ_LEN",
     "weight_type": "WEIGHT_TYPE",
 }
-TP_REASON = (
-    "its effect needs tensor parallelism (issue 16); rtp-mm runs at TP size 1, where RTP-LLM's flag changes nothing "
-    "either: the probe checks exactly that, and that a bad value is refused by name"
-)
-WAITING = {"TP_SPLIT_EMB_AND_LMHEAD": TP_REASON, "FT_DISABLE_CUSTOM_AR": TP_REASON}
+WAITING: dict[str, str] = {}
 
 
 def seed_settings() -> tuple[set[str], set[str]]:
@@ -318,13 +314,28 @@ def probe_reuse_cache(kit: Kit) -> None:
         env_llm({"REUSE_CACHE": "sometimes"}, kit.llama_a)
 
 
-def probe_tp_flag(kit: Kit, variable: str) -> None:
-    """WAITING: at TP size 1 both values serve the same model; a bad value is refused by name."""
-    on, _ = generate(lambda: env_llm({variable: "1"}, kit.llama_a))
-    off, _ = generate(lambda: env_llm({variable: "0"}, kit.llama_a))
-    assert [out.logprobs for out in on] == [out.logprobs for out in off]
-    with refused(variable):
-        env_llm({variable: "maybe"}, kit.llama_a)
+def probe_tp_split_emb_and_lmhead(kit: Kit) -> None:
+    """Under TP_SIZE=2 the embedding and head are vocab-split (each rank holds half) or replicated: the same tokens,
+    different per-rank weight bytes; a bad value is refused by name."""
+    results, per_rank = [], []
+    for value in ("1", "0"):
+        with env_llm({"TP_SIZE": "2", "TP_SPLIT_EMB_AND_LMHEAD": value}, kit.llama_a) as llm:
+            results.append(llm.generate(PROMPTS, GREEDY))
+            per_rank.append(llm.client.info.rank_weight_bytes)
+    assert tokens(results[0]) == tokens(results[1])
+    table = TINY_LLAMA["vocab_size"] * TINY_LLAMA["hidden_size"] * 4  # fp32 rows; the head is untied: two tables
+    assert per_rank[1][0] - per_rank[0][0] == table, per_rank  # split: each rank holds half of each table
+    with refused("TP_SPLIT_EMB_AND_LMHEAD"):
+        env_llm({"TP_SPLIT_EMB_AND_LMHEAD": "maybe"}, kit.llama_a)
+
+
+def probe_ft_disable_custom_ar(kit: Kit) -> None:
+    """Exactly 1 disables the custom all-reduce, any other value leaves it on (2 starts): the start-up line says which
+    (CPU ranks run gloo's all-reduce either way)."""
+    for value, said in (("1", "FT_DISABLE_CUSTOM_AR=1"), ("2", "custom all-reduce on")):
+        with logs(logging.WARNING) as messages, env_llm({"TP_SIZE": "2", "FT_DISABLE_CUSTOM_AR": value}, kit.llama_a):
+            pass
+        assert any("all-reduce" in m and said in m for m in messages), messages
 
 
 def probe_extra_data_path(kit: Kit) -> None:
@@ -433,11 +444,11 @@ PROBES: dict[str, Callable[..., None]] = {
     "INT8_KV_CACHE": probe_int8_kv_cache,
     "KV_CACHE_MEM_MB": probe_kv_cache_mem_mb,
     "PRE_ALLOCATE_OP_MEM": probe_pre_allocate_op_mem,
-    "TP_SPLIT_EMB_AND_LMHEAD": partial(probe_tp_flag, variable="TP_SPLIT_EMB_AND_LMHEAD"),
+    "TP_SPLIT_EMB_AND_LMHEAD": probe_tp_split_emb_and_lmhead,
     "REUSE_CACHE": probe_reuse_cache,
     "EXTRA_DATA_PATH": probe_extra_data_path,
     "VIT_TRT": probe_vit_trt,
-    "FT_DISABLE_CUSTOM_AR": partial(probe_tp_flag, variable="FT_DISABLE_CUSTOM_AR"),
+    "FT_DISABLE_CUSTOM_AR": probe_ft_disable_custom_ar,
     "LOG_LEVEL": probe_log_level,
     "LOAD_CKPT_NUM_PROCESS": probe_load_ckpt_num_process,
 }

@@ -119,6 +119,17 @@ class LLMEngine:
         self.grammars = GrammarCompiler(tokenizer, limits.vocab_size, eos_token_ids)
         self.step_count = 0
         self.last_step_ms = 0.0
+        self.shard_driver: Any = None  # tensor parallelism, rank 0: tp.ShardDriver (heartbeat, stop); None otherwise
+
+    def idle(self) -> None:
+        """Called by the loop while there is no work (the tensor-parallel heartbeat)."""
+        if self.shard_driver is not None:
+            self.shard_driver.idle()
+
+    def close(self) -> None:
+        """Called once by the loop as it stops: shard workers are told to exit."""
+        if self.shard_driver is not None:
+            self.shard_driver.stop()
 
     # ---- admission --------------------------------------------------------------------------------------------
     def add(self, submitted: EngineRequest) -> list[RequestOutput]:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rtp_mm.errors import EngineDead, RtpMmError
+from rtp_mm.kernels.collectives import GroupFailed
 from rtp_mm.llm.engine.engine import LLMEngine, RequestOutput
 from rtp_mm.llm.engine.request import EngineRequest
 
@@ -32,8 +33,17 @@ Sink = Callable[[RequestOutput], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], idle_wait_s: float = 0.05):
-        """``engine``: a built engine, or a factory run on the loop's thread (errors are re-raised here)."""
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        idle_wait_s: float = 0.05,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ):
+        """``engine``: a built engine, or a factory run on the loop's thread (errors are re-raised here).
+        ``on_fatal``: called on the engine thread after the engine stopped for good (a tensor-parallel rank failed),
+        once every request has its error; the server exits there."""
+        self._fatal: BaseException | None = None
+        self._on_fatal = on_fatal
         self._factory = None if isinstance(engine, LLMEngine) else engine
         self.engine: LLMEngine = engine if isinstance(engine, LLMEngine) else None  # type: ignore[assignment]
         self._ready = threading.Event()
@@ -145,11 +155,14 @@ class EngineLoop:
         try:
             while self._drain_commands():
                 if not self.engine.has_work:
+                    self.engine.idle()
                     self._wake.wait(self._idle_wait_s)
                     self._wake.clear()
                     continue
                 try:
                     outputs = self.engine.step()
+                except GroupFailed:
+                    raise  # the tensor-parallel group is gone: no step can run again
                 except Exception as e:
                     # An internal fault fails the requests in flight (freeing their blocks); the loop survives.
                     logger.exception("engine step failed")
@@ -157,7 +170,15 @@ class EngineLoop:
                     outputs = self.engine.fail_all(error)
                 for out in outputs:
                     self._deliver(out)
+        except GroupFailed as e:
+            self._fatal = e
+            logger.critical("%s; the engine stops", e)
         finally:
             self._stopped.set()
-            for out in self.engine.fail_all(EngineDead("the engine was shut down")):
+            if self._fatal is None:
+                self.engine.close()
+            reason = "the engine was shut down" if self._fatal is None else f"the engine stopped: {self._fatal}"
+            for out in self.engine.fail_all(EngineDead(reason)):
                 self._deliver(out)
+            if self._fatal is not None and self._on_fatal is not None:
+                self._on_fatal(self._fatal)

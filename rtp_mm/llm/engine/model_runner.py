@@ -3,12 +3,15 @@ runs the model and samples the next token of every sequence that reached its las
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rtp_mm.kernels.attention import AttnMetadata, Int8KVCache, KVCache, PrefillChunk, causal_mask, decode_mask
+from rtp_mm.llm.engine.embedding import prefill_hidden
 from rtp_mm.llm.engine.kv_prefix import KVPrefix
 from rtp_mm.llm.engine.rejection import verify
 from rtp_mm.llm.engine.sampler import sample
@@ -91,6 +94,9 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_prefix: KVPrefix | None = None  # P-tuning v2: blocks every sequence attends to first (kv_prefix.py)
+        # Tensor parallelism, rank 0: sends each unit of model work to the shard workers before running it here, so
+        # that every rank enters the same collectives (llm/engine/tp.py). None on one rank and on the workers.
+        self.announce: Callable[[tuple[Any, ...]], None] | None = None
         self.lora: LoraManager | None = None  # LoRA adapters: each forward applies its sequences' adapters (llm/lora)
         spec = model.spec
         kv_dtype = kv_dtype or self.dtype
@@ -215,10 +221,9 @@ class ModelRunner:
         logprob and the top-N of each row are kept."""
         targets = torch.tensor(seq.prompt_targets, dtype=torch.long, device=self.device)
         entries: list[dict[int, float]] = []
-        for lo in range(0, len(targets), PROMPT_LOGITS_ROWS):
-            rows = hidden[row0 + lo : row0 + min(lo + PROMPT_LOGITS_ROWS, len(targets))]
-            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)  # [rows, vocab] float32
-            chosen = logprobs.gather(1, targets[lo : lo + len(rows), None]).squeeze(1).tolist()
+        for lo, logits in self._prompt_logit_slices(hidden, row0, seq):
+            logprobs = torch.log_softmax(logits, dim=-1)  # [rows, vocab] float32
+            chosen = logprobs.gather(1, targets[lo : lo + len(logits), None]).squeeze(1).tolist()
             if seq.prompt_top_n:
                 top = torch.topk(logprobs, seq.prompt_top_n, dim=-1)
                 indices, values = top.indices.tolist(), top.values.tolist()
@@ -230,6 +235,29 @@ class ModelRunner:
                 entries.append(entry)
         return PromptLogprobs(seq.request_id, seq.start + 1, entries)
 
+    def _prompt_logit_slices(self, hidden: torch.Tensor, row0: int, seq: ScheduledSeq) -> Iterator[tuple[int, Any]]:
+        """(first target index, logits [rows, vocab]) of ``seq``'s prompt rows, PROMPT_LOGITS_ROWS at a time."""
+        n = len(seq.prompt_targets)
+        for lo in range(0, n, PROMPT_LOGITS_ROWS):
+            yield lo, self.model.compute_logits(hidden[row0 + lo : row0 + min(lo + PROMPT_LOGITS_ROWS, n)])
+
+    @torch.inference_mode()
+    def run_shard(self, batch: ScheduledBatch) -> None:
+        """A tensor-parallel worker's part of ``execute``: the same forward and the same head calls (whose
+        collectives rank 0 enters in the same order), without sampling, which happens once, on rank 0."""
+        hidden, inputs = self.hidden_states(batch)
+        for row0, seq in inputs.prompt_rows:
+            for _ in self._prompt_logit_slices(hidden, row0, seq):
+                pass
+        if inputs.sampled:
+            self.model.compute_logits(hidden[inputs.sample_index])
+
+    def prefill_hidden(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Final-norm hidden states of whole prompts, outside any step (embeddings, ``embedding.prefill_hidden``)."""
+        if self.announce is not None:
+            self.announce(("hidden", token_lists))
+        return prefill_hidden(self.model, token_lists, self.block_size)
+
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[ScheduledSeq, ...]]:
         """The model on one step. Returns float32 logits [num_sampled, vocab] and the sequences they belong to."""
@@ -240,6 +268,8 @@ class ModelRunner:
     def hidden_states(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs]:
         """Final-norm hidden states [num_tokens, hidden] of every token of the step (image rows spliced over their
         placeholders' embeddings), and the step's inputs."""
+        if self.announce is not None:
+            self.announce(("step", batch))
         inputs = self.prepare(batch)
         embeds = None
         if inputs.mm_rows:

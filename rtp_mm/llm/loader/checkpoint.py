@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -40,7 +40,7 @@ class Checkpoint(Protocol):
 
     def get(self, name: str) -> torch.Tensor: ...
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def iter_tensors(self, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]: ...
 
     def config(self) -> dict: ...
 
@@ -90,14 +90,15 @@ class ShardedCheckpoint:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.path}")
         return self._read(self._shard(file), file, name)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, select: Select | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         names_by_file: dict[Path, list[str]] = {file: [] for file in self.files}
         for name, file in self._weight_map.items():
             names_by_file[file].append(name)
         for file, names in names_by_file.items():
             shard = self._shard(file)
             for name in names:
-                yield name, self._read(shard, file, name)
+                part = select(name) if select is not None else None
+                yield name, self._read(shard, file, name, part)
             self._current = None  # release the shard before the next one is opened
 
     def config(self) -> dict:
@@ -123,8 +124,10 @@ class ShardedCheckpoint:
         return self._current[1]
 
     @staticmethod
-    def _read(shard: Mapping, file: Path, name: str) -> torch.Tensor:
+    def _read(shard: Mapping, file: Path, name: str, part: tuple[int, int, int, int] | None = None) -> torch.Tensor:
         try:
+            if part is not None:
+                return read_part(shard, name, part)
             return shard[name]
         except KeyError:
             raise CheckpointError(f"{file}: tensor {name!r} is listed for this file but not in it") from None
@@ -147,11 +150,37 @@ class _SafetensorsShard(Mapping):
             raise KeyError(name)
         return self._handle.get_tensor(name)
 
+    def read_part(self, name: str, dim: int, start: int, stop: int, full: int) -> torch.Tensor:
+        """Only rows [start, stop) along ``dim`` are read from the file; the whole tensor when it is not ``full``
+        long there."""
+        if name not in self._names:
+            raise KeyError(name)
+        part = self._handle.get_slice(name)
+        shape = part.get_shape()
+        if dim >= len(shape) or shape[dim] != full:
+            return self._handle.get_tensor(name)
+        return part[(slice(None),) * dim + (slice(start, stop),)]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+Select = Callable[[str], tuple[int, int, int, int] | None]  # name -> (dim, start, stop, full) to read, or None
+
+
+def read_part(shard: Mapping, name: str, part: tuple[int, int, int, int]) -> torch.Tensor:
+    """Rows [start, stop) along ``dim`` of ``name`` (tensor parallelism's slices, llm/models/sharding.py), or the
+    whole tensor when it is not ``full`` long there. A memory-mapped ``.bin`` copies only the rows asked for."""
+    dim, start, stop, full = part
+    if hasattr(shard, "read_part"):
+        return shard.read_part(name, dim, start, stop, full)
+    tensor = shard[name]
+    if dim >= tensor.dim() or tensor.shape[dim] != full:
+        return tensor
+    return tensor.narrow(dim, start, stop - start).clone()
 
 
 def _load_torch_file(file: Path) -> dict[str, torch.Tensor]:

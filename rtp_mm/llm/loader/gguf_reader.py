@@ -122,21 +122,29 @@ class GGUFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, part: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name``; with ``part`` = (dim, start, stop, full) only rows [start, stop) of dim 0 are decoded
+        (a quantized row is a run of whole blocks: the rows are cut from the raw bytes first). Other dims, and a
+        tensor not ``full`` rows long, are returned whole."""
         tensor = self._tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.path}")
-        weight = self._to_torch(tensor)
+        rows = None
+        if part is not None and part[0] == 0 and len(tensor.data.shape) >= 2 and tensor.data.shape[0] == part[3]:
+            rows = slice(part[1], part[2])
+        weight = self._to_torch(tensor, rows)
         if _ARCHITECTURES[self.architecture][2]:
-            if ".attn_q." in tensor.name:
-                weight = unpermute_rotary_rows(weight, self._num_heads())
-            elif ".attn_k." in tensor.name:
-                weight = unpermute_rotary_rows(weight, self._num_kv_heads())
+            # The rotary row permutation is within each head, and a slice holds whole heads: same head size.
+            head_count = {".attn_q.": self._num_heads(), ".attn_k.": self._num_kv_heads()}
+            for marker, heads in head_count.items():
+                if marker in tensor.name:
+                    head_rows = tensor.data.shape[0] // heads
+                    weight = unpermute_rotary_rows(weight, weight.shape[0] // head_rows)
         return weight
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, select=None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in list(self._tensors):
-            yield name, self.get(name)
+            yield name, self.get(name, select(name) if select is not None else None)
 
     def config(self) -> dict:
         arch = self.architecture
@@ -192,20 +200,21 @@ class GGUFCheckpoint:
     def _num_kv_heads(self) -> int:
         return int(self.metadata(f"{self.architecture}.attention.head_count_kv", self._num_heads()))
 
-    def _to_torch(self, tensor) -> torch.Tensor:
+    def _to_torch(self, tensor, rows: slice | None = None) -> torch.Tensor:
         from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
+        data = tensor.data if rows is None else tensor.data[rows]  # a view of the map: only these rows are read
         try:
             if tensor.tensor_type in (Q.F32, Q.F16, Q.F64, Q.I8, Q.I16, Q.I32, Q.I64):
-                return torch.from_numpy(np.array(tensor.data))  # already shaped in torch order; copied off the map
+                return torch.from_numpy(np.array(data))  # already shaped in torch order; copied off the map
             if tensor.tensor_type == Q.BF16:  # stored as raw bytes [..., 2 * cols]
-                return torch.from_numpy(np.array(tensor.data)).view(torch.bfloat16)
+                return torch.from_numpy(np.array(data)).view(torch.bfloat16)
             # Block-quantized: bytes [..., num_blocks * block_bytes] -> float32 [..., cols].
             fast = _TORCH_DEQUANTIZE.get(tensor.tensor_type.name)
             if fast is not None:
-                return fast(torch.from_numpy(np.array(tensor.data)))
-            return torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
+                return fast(torch.from_numpy(np.array(data)))
+            return torch.from_numpy(dequantize(data, tensor.tensor_type))
         except Exception as exc:
             raise CheckpointError(
                 f"{self.path}: cannot decode tensor {tensor.name!r} of type {tensor.tensor_type.name} ({exc})"

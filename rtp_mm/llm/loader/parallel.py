@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing  # registers the reducers that send tensors through shared memory
 
 from rtp_mm.errors import CheckpointError
-from rtp_mm.llm.loader.checkpoint import Checkpoint, ShardedCheckpoint
+from rtp_mm.llm.loader.checkpoint import Checkpoint, Select, ShardedCheckpoint
 
 _ALIGN = 64  # byte alignment of each tensor in a packed buffer, so that .view(dtype) is legal for every dtype
 _AUTO_MAX_PROCESSES = 4  # RTP-LLM clamps its automatic count to [1, 4]
@@ -49,10 +49,11 @@ class _PackedShard:
             yield name, self.buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
-def _read_shard(file: Path, format: str, names: list[str]) -> _PackedShard:
-    """Worker: read ``names`` from one shard with the serial reader and pack them (runs in a spawned process)."""
+def _read_shard(file: Path, format: str, names: list[str], parts: dict[str, tuple] | None = None) -> _PackedShard:
+    """Worker: read ``names`` (``parts``: the slices to read of some, see Checkpoint.iter_tensors) from one shard
+    with the serial reader and pack them (runs in a spawned process)."""
     shard = ShardedCheckpoint(file, format, dict.fromkeys(names, file))
-    tensors = list(shard.iter_tensors())
+    tensors = list(shard.iter_tensors((parts or {}).get))
     offsets, total = [], 0
     for _, tensor in tensors:
         offsets.append(total)
@@ -92,14 +93,16 @@ def auto_num_processes(ckpt: Checkpoint) -> int:
     return max(1, min(_AUTO_MAX_PROCESSES, len(ckpt.files), os.cpu_count() or 1))
 
 
-def iter_tensors_parallel(ckpt: Checkpoint, num_processes: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every ``(name, tensor)`` of ``ckpt``, as ``ckpt.iter_tensors()`` does, reading shards in workers.
+def iter_tensors_parallel(
+    ckpt: Checkpoint, num_processes: int, select: Select | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every ``(name, tensor)`` of ``ckpt``, as ``ckpt.iter_tensors(select)`` does, reading shards in workers.
 
     GGUF, single-file checkpoints and ``num_processes <= 1`` use the serial reader. A worker's failure is raised
     here as a CheckpointError naming the shard; closing the iterator early stops the workers.
     """
     if not isinstance(ckpt, ShardedCheckpoint) or len(ckpt.files) < 2 or num_processes <= 1:
-        yield from ckpt.iter_tensors()
+        yield from ckpt.iter_tensors(select)
         return
     names_by_file = _names_by_file(ckpt)
     todo = deque(names_by_file.items())
@@ -109,7 +112,8 @@ def iter_tensors_parallel(ckpt: Checkpoint, num_processes: int) -> Iterator[tupl
 
     def submit_next() -> None:
         file, names = todo.popleft()
-        in_flight.append((file, executor.submit(_read_shard, file, ckpt.format, names)))
+        parts = {name: part for name in names if select is not None and (part := select(name)) is not None}
+        in_flight.append((file, executor.submit(_read_shard, file, ckpt.format, names, parts)))
 
     try:
         while todo and len(in_flight) < num_processes:

@@ -82,6 +82,7 @@ class LoraManager:
         self.merged: tuple[str, str] | None = None  # (name, path) of the adapter merged at start-up
         self.step_rows = layers.StepRows()
         self._installed = False
+        self.unsupported = ""  # why this engine cannot take adapters at all (tensor parallelism), "" = it can
 
     # ---- start-up and updates ---------------------------------------------------------------------------------
     def start(self, lora_infos: Mapping[str, str] | None) -> None:
@@ -89,6 +90,8 @@ class LoraManager:
         several are kept apart. ConfigError names the adapter that failed."""
         if not lora_infos:
             return
+        if self.unsupported:
+            raise ConfigError(f"LORA_INFO: {self.unsupported}")
         self._check_count(len(lora_infos), ConfigError, "LORA_INFO")
         loaded = []
         for name, path in lora_infos.items():
@@ -104,6 +107,8 @@ class LoraManager:
 
     def check_update(self, loaded: Mapping[str, str], remove: Sequence[str], add: Mapping[str, str]) -> None:
         """Raise UpdateError before any file is read when the update cannot be applied."""
+        if self.unsupported and add:
+            raise UpdateError(self.unsupported)
         if self.merged is not None and (remove or add):
             name = self.merged[0]
             raise UpdateError(

@@ -8,13 +8,16 @@ attention finds each sequence's context through ``AttnMetadata``. Internal param
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.kernels.attention import AttnMetadata, KVCache, paged_attention
+from rtp_mm.kernels.collectives import TPGroup
 from rtp_mm.kernels.linear import half_weight_linear, int8_weight_linear
 from rtp_mm.llm.models.prefix_lm import PrefixLM
 from rtp_mm.llm.models.rope import RopeSpec, RotaryEmbedding
@@ -105,10 +108,17 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device="cpu")
 
 
+def _no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None):
+    """``spec`` is this rank's (its heads); under tensor parallelism ``reduce`` sums the row-parallel ``o``."""
+
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None, reduce: Callable = _no_reduce):
         super().__init__()
         self.spec = spec
+        self.reduce = reduce
         self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
         self.o = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
         self.rotary = rotary
@@ -124,12 +134,13 @@ class Attention(nn.Module):
         if ctx.logn is not None:
             q = q * ctx.logn[:, None, None].to(q.dtype)
         out = paged_attention(q, k, v, cache, ctx.meta, self.scale, ctx.alibi_slopes)
-        return self.o(out.reshape(-1, spec.q_size))
+        return self.reduce(self.o(out.reshape(-1, spec.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec):
+    def __init__(self, spec: DecoderSpec, reduce: Callable = _no_reduce):
         super().__init__()
+        self.reduce = reduce
         self.gated = spec.gated_mlp
         self.inter = spec.intermediate_size
         if spec.gated_mlp:
@@ -142,8 +153,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             gate, up = self.gate_up(x).split(self.inter, dim=-1)
-            return self.down(self.act(gate) * up)
-        return self.down(self.act(self.up(x)))
+            return self.reduce(self.down(self.act(gate) * up))
+        return self.reduce(self.down(self.act(self.up(x))))
 
 
 @dataclass
@@ -158,14 +169,14 @@ class StepContext:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None):
+    def __init__(self, spec: DecoderSpec, rotary: RotaryEmbedding | None, reduce: Callable = _no_reduce):
         super().__init__()
         self.spec = spec
         self.input_norm = make_norm(spec)
-        self.attn = Attention(spec, rotary)
+        self.attn = Attention(spec, rotary, reduce)
         if not spec.shared_input_norm:
             self.post_norm = make_norm(spec)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, reduce)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         h = self.input_norm(x)
@@ -182,24 +193,41 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embedding -> N decoder layers -> final norm -> LM head, over a flattened batch."""
+    """Embedding -> N decoder layers -> final norm -> LM head, over a flattened batch.
 
-    def __init__(self, spec: DecoderSpec):
+    Under tensor parallelism (``tp`` and ``shard``, see sharding.py) ``spec`` is this rank's: its heads, kv heads
+    and intermediate rows, the model's vocabulary size; with a vocab split the embedding and head hold this rank's
+    ``shard.vocab_rows`` rows from ``shard.vocab_start``.
+    """
+
+    def __init__(self, spec: DecoderSpec, tp: TPGroup | None = None, shard: Any = None):  # sharding.Shard
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.tp = tp
+        self.vocab_start = 0
+        self.vocab_split = shard is not None and shard.split_vocab
+        if self.vocab_split:
+            self.vocab_start = shard.vocab_start
+        self.vocab_rows = shard.vocab_rows if self.vocab_split else spec.vocab_size
+        vocab_rows = self.vocab_rows
+        reduce = tp.all_reduce if tp is not None else _no_reduce
+        self.embed = nn.Embedding(vocab_rows, spec.hidden_size)
         if spec.position == "learned":
             self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
         if spec.embedding_norm:
             self.embed_norm = make_norm(spec)
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim) if spec.position == "rope" else None
-        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.rotary, reduce) for _ in range(spec.num_layers))
         self.norm = make_norm(spec)
         if not spec.tie_word_embeddings:
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+            self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=spec.lm_head_bias)
         self.tied_head: nn.Module | None = None  # set by weight transforms that need their own head copy
-        # Plain attribute (the model is built on the meta device; these slopes must stay real).
-        self.alibi = alibi_slopes(spec.num_heads) if spec.position == "alibi" else None
+        # Plain attribute (the model is built on the meta device; these slopes must stay real). A rank's heads take
+        # their slopes from the model's list.
+        self.alibi = None
+        if spec.position == "alibi":
+            self.alibi = alibi_slopes(shard.full.num_heads if shard else spec.num_heads)
+            self.alibi = shard.alibi_slice(self.alibi) if shard else self.alibi
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -207,7 +235,14 @@ class Decoder(nn.Module):
         return self.norm.weight.dtype
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids).to(self.act_dtype)
+        if self.vocab_split:
+            # Vocab-parallel lookup: rows of other ranks' ids are zeros here, and the sum over ranks is the lookup.
+            local = input_ids - self.vocab_start
+            mine = (local >= 0) & (local < self.vocab_rows)
+            h = self.embed(torch.where(mine, local, 0)).to(self.act_dtype) * mine[:, None].to(self.act_dtype)
+            h = self.tp.all_reduce(h)
+        else:
+            h = self.embed(input_ids).to(self.act_dtype)
         if self.spec.embedding_scale != 1.0:
             # Gemma: the scale is rounded to the model dtype first, as the reference does.
             h = h * torch.tensor(self.spec.embedding_scale, dtype=h.dtype)
@@ -247,6 +282,13 @@ class Decoder(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
+        logits = self._head(hidden)
+        if not self.vocab_split:
+            return logits
+        # Vocab-parallel head: every rank's rows, in rank order, without the last rank's padding.
+        return self.tp.all_gather_last(logits)[:, : self.spec.vocab_size]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.spec.tie_word_embeddings:
             return self.lm_head(hidden).float()
         if self.tied_head is not None:  # a kernel-specific copy of the tied table (see llm/models/packing.py)

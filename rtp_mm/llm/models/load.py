@@ -11,12 +11,14 @@ from typing import Any
 import torch
 
 from rtp_mm.errors import ConfigError
+from rtp_mm.kernels.collectives import TPGroup
 from rtp_mm.llm.loader import open_checkpoint
 from rtp_mm.llm.loader.parallel import auto_num_processes, iter_tensors_parallel
 from rtp_mm.llm.models import FAMILIES
 from rtp_mm.llm.models.decoder import Decoder
 from rtp_mm.llm.models.family import FamilyModel
-from rtp_mm.llm.models.weights import load_weights
+from rtp_mm.llm.models.sharding import Shard, check_tp, read_plan, shard_spec
+from rtp_mm.llm.models.weights import expand_table, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +47,18 @@ def load_model(
     dtype: torch.dtype,
     device: str | torch.device,
     num_load_processes: int = 1,
+    tp: TPGroup | None = None,
+    split_vocab: bool = True,
 ) -> LoadedModel:
     """Build the family's decoder and load ``ckpt_path`` into it.
 
     ``num_load_processes`` is LOAD_CKPT_NUM_PROCESS: >1 reads the shards of a sharded checkpoint in that many spawned
     processes (the caller's script needs an ``if __name__ == "__main__":`` guard), 0 picks a count automatically
     (see ``auto_num_processes``), 1 reads in this process. The weights are bit-identical whichever is chosen.
+
+    With a tensor-parallel group ``tp`` of several ranks the decoder is this rank's shard (``sharding.py``;
+    ``split_vocab`` is TP_SPLIT_EMB_AND_LMHEAD), and every tensor is sliced as it streams in: no rank holds more
+    than its shard plus the tensor being read.
     """
     if num_load_processes < 0:
         raise ConfigError(
@@ -63,18 +71,30 @@ def load_model(
         config = ckpt.config()
         keys = set(ckpt.keys())
         family_model = FAMILIES[family].build(config, keys, model_type)
+        spec = family_model.spec
+        shard = None
+        if tp is not None and tp.size > 1:
+            check_tp(spec, tp.size, model_type)
+            shard = Shard(tp.rank, tp.size, split_vocab, spec)
         with torch.device("meta"):
-            model = Decoder(family_model.spec)
+            model = Decoder(shard_spec(spec, tp.size) if shard else spec, tp=tp if shard else None, shard=shard)
         model = model.to(dtype).to_empty(device=device)
+        plan: dict = {}
+        if shard is not None:
+            expanded = expand_table(family_model.table, spec.num_layers)
+            plan, _ = read_plan(shard, expanded, {name for name, _ in model.named_parameters()})
+        rename = family_model.rename or (lambda name: name)
         # closing(): a load error stops the loader processes now, not when the traceback is freed.
-        with closing(iter_tensors_parallel(ckpt, num_processes)) as tensors:
+        with closing(iter_tensors_parallel(ckpt, num_processes, lambda raw: plan.get(rename(raw)))) as tensors:
             load_weights(
                 model,
                 tensors,
                 family_model.table,
-                family_model.spec.num_layers,
+                spec.num_layers,
                 drop=family_model.drop,
                 rename=family_model.rename,
+                shard=shard,
+                read_plan=plan,
             )
         generation_config = ckpt.generation_config()
         fmt = ckpt.format

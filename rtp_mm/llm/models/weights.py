@@ -9,8 +9,9 @@ any other unknown key, a missing parameter or a shape mismatch is a CheckpointEr
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,13 +84,28 @@ def load_weights(
     num_layers: int,
     drop: Iterable[str] = (),
     rename: Callable[[str], str] | None = None,
+    shard: Any = None,
+    read_plan: Mapping[str, tuple[int, int, int, int]] | None = None,
 ) -> set[str]:
     """Stream ``tensors`` into ``model`` following ``table``. Returns the loaded parameter names.
 
-    Every parameter of the model must be loaded exactly once.
+    Every parameter of the model must be loaded exactly once. Under tensor parallelism ``shard`` (sharding.Shard)
+    turns each parameter, in the internal layout, into this rank's part; sources listed in ``read_plan`` may arrive
+    already sliced by the reader (see sharding.read_plan), and are then only padded.
     """
     params = dict(model.named_parameters())
     expanded = expand_table(table, num_layers)
+    plan = read_plan or {}
+
+    def local(target: str, value: torch.Tensor, names: list[str], parts: list[torch.Tensor]) -> torch.Tensor:
+        rule = shard.rule(target) if shard is not None else None
+        if rule is None:
+            return value
+        sliced = all(
+            n in plan and p.shape[plan[n][0]] == plan[n][2] - plan[n][1] for n, p in zip(names, parts, strict=True)
+        )
+        return rule.pad(value) if sliced and hasattr(rule, "pad") else rule.apply(value, target)
+
     unmapped = sorted(set(params) - set(expanded))
     if unmapped:
         raise CheckpointError(f"internal error: weight table has no source for parameters {unmapped[:8]}")
@@ -116,13 +132,15 @@ def load_weights(
             value = src.transform(tensor) if src.transform else tensor
             source = expanded[target]
             if not isinstance(source, Cat):
-                _copy(params[target], target, value, raw_name)
+                _copy(params[target], target, local(target, value, [name], [tensor]), raw_name)
                 loaded.add(target)
                 continue
             got = pending.setdefault(target, {})
             got[slot] = value
             if len(got) == len(source.parts):
-                fused = torch.cat([got[k].to(params[target].dtype) for k in range(len(source.parts))], dim=source.dim)
+                parts = [got[k] for k in range(len(source.parts))]
+                fused = torch.cat([p.to(params[target].dtype) for p in parts], dim=source.dim)
+                fused = local(target, fused, [p.name for p in source.parts], parts)
                 _copy(params[target], target, fused, " + ".join(p.name for p in source.parts))
                 loaded.add(target)
                 del pending[target]
