@@ -73,7 +73,7 @@ def test_port_is_held_while_the_model_loads(monkeypatch):
         port = probe.getsockname()[1]
     seen = []
 
-    def load(*args):
+    def load(*args, **kwargs):
         with socket.socket() as rival:  # another process starting on the same port while this one loads
             try:
                 rival.bind(("127.0.0.1", port))
