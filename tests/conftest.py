@@ -9,7 +9,17 @@ line ``skipped: N (gpu N)`` shows what did not run.
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton's interpreter runs the CPU tests of rtp_mm/kernels/triton. It must be on before triton is first imported
+# (by any test module or library): triton.jit reads it when triton's own library functions are defined, and an
+# interpreted kernel cannot call compiled ones. On a CUDA machine the compiled kernels run instead (the ``gpu`` tests;
+# scripts/gpu_check.sh).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 _BAD_SKIPS_KEY = pytest.StashKey[list]()
 _GPU_SKIPS_KEY = pytest.StashKey[list]()

@@ -20,6 +20,7 @@ from rtp_mm.config import EngineConfig, ModelConfig, WeightType
 from rtp_mm.errors import ConfigError
 from rtp_mm.kernels.collectives import TPGroup
 from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
+from rtp_mm.kernels.triton import select_backend
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
 from rtp_mm.llm.engine.kv_prefix import KVPrefix
@@ -33,7 +34,12 @@ from rtp_mm.llm.lora.manager import LoraManager
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.packing import can_pack, pack_linears
 from rtp_mm.llm.models.ptuning import find_ptuning, prefix_kv
-from rtp_mm.llm.models.transforms import quantize_int8_weights, resident_weight_bytes, use_half_weights
+from rtp_mm.llm.models.transforms import (
+    quantize_int8_weights,
+    resident_weight_bytes,
+    use_half_weights,
+    use_triton_kernels,
+)
 from rtp_mm.model_types import (
     ModelTypeInfo,
     check_model_type_matches,
@@ -180,6 +186,8 @@ def build_model(model_config: ModelConfig, engine_config: EngineConfig, group: T
         lora.unsupported = f"LoRA adapters are not sharded under tensor parallelism (TP_SIZE={group.size})"
     lora.start(model_config.lora_infos)  # one adapter is merged here, into the weights before their transforms
     weight_path = apply_weight_transforms(loaded, model_config, dtype, weight_storage, engine_config.device)
+    if select_backend(device) == "triton":  # the kernel backend, chosen once: Triton on CUDA, else the torch ops
+        weight_path += "; " + use_triton_kernels(loaded.model)
     spec = loaded.model.spec
     max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
     block_size = model_config.seq_size_per_block
@@ -386,6 +394,8 @@ def _load_draft(
     if draft.model.spec.prefix_lm is not None:
         raise ConfigError(f"SP_MODEL_TYPE={info.name!r} is a prefix-LM (GLM v1): it cannot serve as a draft model")
     path = apply_weight_transforms(draft, config, dtype, resolve_dtypes(config, device)[1], device)
+    if select_backend(device) == "triton":
+        path += "; " + use_triton_kernels(draft.model)
     logger.info("draft model %s from %s, weights %s", info.name, config.ckpt_path, path)
     return draft
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from rtp_mm.benchmarks.report import log, machine_info, rss_now_mb, section_lines, write_section
+from rtp_mm.benchmarks.roofline import llama_cpp_available, read_bandwidth_gbs, roofline_pct, run_llama_cpp
 from rtp_mm.benchmarks.workload import (
     PHASES,
     RequestTiming,
@@ -127,6 +128,7 @@ def run_rtp(w: Workload, phases: str, system: SystemSpec, kv_cache_mb: int) -> d
     )
     result: dict[str, Any] = {"metrics": {"load_s": time.perf_counter() - start, "rss_loaded_mb": rss_now_mb()}}
     result["metrics"].update(kv_capacity_metrics(llm, w.longest_request))
+    result["metrics"]["weight_mb"] = sum(llm.client.info.rank_weight_bytes) / 2**20
     result["weight_path"] = llm.weight_path
     log(f"rtp-mm {system} loaded in {result['metrics']['load_s']:.0f} s ({llm.weight_path}); running {phases}")
     try:
@@ -159,6 +161,8 @@ def worker_main(args: argparse.Namespace) -> int:
             from rtp_mm.benchmarks.hf_baseline import run_hf
 
             result.update(run_hf(w, args.only))
+        elif args.worker == "llamacpp":
+            result.update(run_llama_cpp(w, args.only, args.threads))
         else:
             result.update(run_rtp(w, args.only, system, args.kv_cache_mb))
         result["metrics"]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -188,6 +192,8 @@ METRICS = (
     Metric("b_service_ttft_mean_s", "(b) TTFT mean s (in service)", "{:.2f}"),
     Metric("b_wall_s", "(b) wall time s", "{:.1f}"),
     Metric("c_ttft_ms", "(c) TTFT ms, 150-token prompt (median)", "{:.0f}"),
+    Metric("weight_mb", "weights read per decoded token MiB", "{:.0f}"),
+    Metric("a_roofline_pct", "(a) decode, % of the {bw_gbs:.1f} GB/s roofline", "{:.0f}%"),
     Metric("kv_blocks", "KV blocks in KV_CACHE_MEM_MB={kv_mb}", "{:.0f}"),
     Metric("kv_max_seqs", "max concurrent {seq_len}-token sequences", "{:.0f}"),
     Metric("load_s", "model load s", "{:.1f}"),
@@ -199,6 +205,8 @@ METRICS = (
 def system_label(result: dict[str, Any]) -> str:
     if result["system"] == "hf":
         return "HF fp32"
+    if result["system"] == "llamacpp":
+        return "llama.cpp Q4_1"
     wt = result["weight_type"].lower()
     label = f"rtp-mm {wt}" if wt == "fp32" else f"rtp-mm {wt}-weights"
     return label + (" int8-KV" if result.get("int8_kv") else "")
@@ -277,6 +285,12 @@ def notes(results: list[dict[str, Any]]) -> list[str]:
     paths = [f"{system_label(r)}: {r['weight_path']}" for r in results if r.get("weight_path")]
     if paths:
         lines.append("weight matmul path per column: " + "; ".join(paths))
+    cpp = next((r for r in results if r["system"] == "llamacpp"), None)
+    cpp_tps = cpp["metrics"].get("a_decode_tps") if cpp else None
+    for r in results:
+        tps = r["metrics"].get("a_decode_tps")
+        if r["system"] == "rtp" and cpp_tps and tps:
+            lines.append(f"(a) decode: {system_label(r)} reaches {tps / cpp_tps:.2f}x llama.cpp's Q4_1 speed")
     hf = next((r for r in results if r["system"] == "hf" and "decode_ids" in r), None)
     for r in results:
         if r["system"] == "rtp" and hf is not None and "decode_ids" in r:
@@ -290,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtp-mm bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke-test size: 16 requests, 32 new tokens")
     p.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
+    p.add_argument("--skip-llama-cpp", action="store_true", help="do not run llama.cpp (run when installed)")
     p.add_argument("--only", default="a,b,c", help="workloads to run, comma-separated subset of a,b,c")
     p.add_argument(
         "--weight-types",
@@ -336,17 +351,25 @@ def main(argv: list[str] | None = None) -> int:
     # The same loader LLM uses for llm.tokenizer; loaded once here, so the workers get token ids only.
     workload = build_workload(load_tokenizer(str(default_model_path())), args.quick, args.seed)
     load_avg = os.getloadavg()
+    bandwidth = read_bandwidth_gbs()  # before any worker: measured on an idle machine
+    log(f"memory read bandwidth: {bandwidth:.1f} GB/s")
     with tempfile.TemporaryDirectory(prefix="rtp-bench-") as tmp:
         spec = Path(tmp) / "workload.json"
         spec.write_text(json.dumps(asdict(workload)))
         systems = [("rtp", sp, args.only if sp in serving else without_b) for sp in systems_wanted]
         systems += [] if args.skip_hf else [("hf", SystemSpec("FP32"), args.only)]
+        if not args.skip_llama_cpp and llama_cpp_available() and "a" in phases:
+            systems.append(("llamacpp", SystemSpec("FP32"), "a"))
         results = [run_worker(system, sp, ph, spec, args) for system, sp, ph in systems if ph]
+    for r in results:
+        pct = roofline_pct(r["metrics"].get("a_decode_tps"), r["metrics"].get("weight_mb", 0) * 2**20, bandwidth)
+        if pct is not None:
+            r["metrics"]["a_roofline_pct"] = pct
 
     command = "rtp-mm bench" + (f" {shlex.join(argv)}" if argv else "")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine_info(results, load_avg)
-    table = render_table(results, kv_mb=args.kv_cache_mb, seq_len=workload.longest_request)
+    table = render_table(results, kv_mb=args.kv_cache_mb, seq_len=workload.longest_request, bw_gbs=bandwidth)
     extra = notes(results)
     print(table)
     for line in extra:
@@ -369,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "date": date,
             "machine": machine,
+            "read_bandwidth_gbs": bandwidth,
             "workload": workload.describe(args.only),
             "phases": phases,
             "systems": [{"label": system_label(r), **r} for r in results],

@@ -79,6 +79,20 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(torch.float32) * scale[..., None]).to(dtype)
 
 
+def key_rotation(head_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An orthonormal float32 [head_dim, head_dim] matrix R: keys are quantized as k @ R and read back as
+    dequant @ R^T. Sylvester's Hadamard / sqrt(head_dim) for a power of two, otherwise a fixed random rotation."""
+    if head_dim & (head_dim - 1) == 0:
+        rotation = torch.ones(1, 1, dtype=torch.float64)
+        while rotation.shape[0] < head_dim:
+            rotation = torch.cat([torch.cat([rotation, rotation], 1), torch.cat([rotation, -rotation], 1)])
+        rotation /= head_dim**0.5
+    else:
+        gaussian = torch.randn(head_dim, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        rotation = torch.linalg.qr(gaussian).Q
+    return rotation.to(device=device, dtype=torch.float32)
+
+
 @dataclass
 class Int8KVCache:
     """One layer's cache with K/V as int8 [num_blocks, block_size, num_kv_heads, head_dim] plus a float32 scale per
@@ -86,12 +100,24 @@ class Int8KVCache:
     head_dim * itemsize (RTP-LLM's INT8_KV_CACHE layout). Same write/gather interface as KVCache: K/V are quantized
     on write and gather returns them dequantized, so attention itself is unchanged. A prefill chunk starting at
     position 0 attends to its own unquantized K/V; every later read (decodes, later chunks) sees the int8 values.
+
+    Keys are stored rotated by ``k_rotation`` (QuaRot's Hadamard trick): a few channels of post-RoPE keys are ~5x
+    their row's RMS, so a plain per-(token, head) scale (amax / 127) leaves the other channels a coarse step, and the
+    error enters the softmax exponent. The rotation spreads those channels over the head (amax / RMS ~3) and, being
+    orthonormal, is undone exactly on read: the default model's teacher-forced top-1 agreement goes from 98.6% to
+    99.4% and the mean logprob error halves (tests/test_llm/test_int8_kv_quality.py). Values are not rotated: their
+    error reaches the output linearly, averaged by the attention weights, and costs a quarter of the keys'.
     """
 
     k_q: torch.Tensor
     v_q: torch.Tensor
     k_scale: torch.Tensor
     v_scale: torch.Tensor
+    k_rotation: torch.Tensor | None = None  # [head_dim, head_dim] float32, orthonormal; None: key_rotation's
+
+    def __post_init__(self) -> None:
+        if self.k_rotation is None:
+            self.k_rotation = key_rotation(self.k_q.shape[-1], self.k_q.device)
 
     @classmethod
     def empty(
@@ -111,6 +137,7 @@ class Int8KVCache:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         kv_heads, head_dim = self.k_q.shape[2], self.k_q.shape[3]
+        k = k.to(torch.float32) @ self.k_rotation
         for x, q_store, scale_store in ((k, self.k_q, self.k_scale), (v, self.v_q, self.v_scale)):
             q, scale = quantize_int8(x)  # [tokens, KVH, D], [tokens, KVH]
             q_store.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, q)
@@ -121,7 +148,8 @@ class Int8KVCache:
         flat = block_tables.reshape(-1)
         kv_heads, head_dim = self.k_q.shape[2], self.k_q.shape[3]
         shape = (*block_tables.shape[:-1], -1, kv_heads, head_dim)
-        k = dequantize_int8(self.k_q.index_select(0, flat), self.k_scale.index_select(0, flat), dtype)
+        k = dequantize_int8(self.k_q.index_select(0, flat), self.k_scale.index_select(0, flat), torch.float32)
+        k = (k.view(-1, head_dim) @ self.k_rotation.T).to(dtype)  # back from the rotated basis in fp32
         v = dequantize_int8(self.v_q.index_select(0, flat), self.v_scale.index_select(0, flat), dtype)
         return k.view(shape), v.view(shape)
 

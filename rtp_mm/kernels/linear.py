@@ -138,10 +138,11 @@ class Int8WeightLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.matmul = int8_weight_linear  # the kernel backend's op (the Triton one never materialises W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = int8_weight_linear(x.reshape(-1, shape[-1]), self.weight, self.scale, self.bias)
+        out = self.matmul(x.reshape(-1, shape[-1]), self.weight, self.scale, self.bias)
         return out.view(*shape[:-1], self.out_features)
 
 

@@ -114,6 +114,7 @@ def test_quick_run_reports_positive_numbers(tmp_path, capsys):
     argv = [
         "--quick",
         "--skip-hf",
+        "--skip-llama-cpp",
         "--only",
         "a,c",
         "--weight-types",
@@ -137,13 +138,19 @@ def test_quick_run_reports_positive_numbers(tmp_path, capsys):
         "peak_rss_mb",
         "kv_blocks",
         "kv_max_seqs",
+        "weight_mb",
+        "a_roofline_pct",
     }
+    report = json.loads(out_json.read_text())
+    bandwidth = report["read_bandwidth_gbs"]
+    assert bandwidth > 0.5  # GB/s: any DRAM streams faster
     for metric in METRICS:
-        label = metric.label.format(kv_mb=512, seq_len=build_workload_longest(quick=True))
+        label = metric.label.format(kv_mb=512, seq_len=build_workload_longest(quick=True), bw_gbs=bandwidth)
         assert (label in printed) == (metric.key in wanted), label
-    (system,) = json.loads(out_json.read_text())["systems"]
+    (system,) = report["systems"]
     assert system["label"] == "rtp-mm fp32" and "error" not in system
     assert set(system["metrics"]) == wanted
     assert all(v > 0 for v in system["metrics"].values())
+    assert system["metrics"]["a_roofline_pct"] < 100  # nothing decodes faster than it can read its weights
     assert len(system["decode_ids"]) == 32
     assert out_md.read_text().startswith(SECTION_HEADING)

@@ -1,6 +1,9 @@
-"""Int8KVCache: per-(token, kv-head) symmetric int8 quantization, paged write/gather, attention through it."""
+"""Int8KVCache: per-(token, kv-head) symmetric int8 quantization (keys in a Hadamard-rotated basis), paged
+write/gather, attention through it."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from rtp_mm.kernels.attention import (
     KVCache,
     PrefillChunk,
     dequantize_int8,
+    key_rotation,
     paged_attention,
     quantize_int8,
 )
@@ -23,6 +27,14 @@ def _random_kv(tokens: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, KV_HEADS, HEAD_DIM, generator=g)
     return x * torch.logspace(-3, 2, tokens * KV_HEADS).view(tokens, KV_HEADS, 1)
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix / sqrt(n), n a power of two."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / math.sqrt(n)
 
 
 def _slots(block_table: list[int], positions: range) -> list[int]:
@@ -69,13 +81,17 @@ def test_write_then_gather_through_block_tables(dtype):
     k_out, v_out = int8.gather(block_tables, dtype)
     assert k_out.shape == k_ref.shape == (2, 3 * BLOCK_SIZE, KV_HEADS, HEAD_DIM)
     assert k_out.dtype == v_out.dtype == dtype
+    rot = _hadamard(HEAD_DIM)
     for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
         n = k.shape[0]
-        for got, want in ((k_out[i, :n], k), (v_out[i, :n], v)):
+        # keys are quantized as k @ rot: the int8 step bounds the error in that basis
+        for got, want, basis in ((k_out[i, :n], k, rot), (v_out[i, :n], v, torch.eye(HEAD_DIM))):
+            want = want @ basis
             half_scale = want.abs().amax(dim=-1, keepdim=True) / 254
-            # the half-precision cast of the result adds its own rounding on top of the int8 step
-            slack = 0 if dtype == torch.float32 else want.abs() * torch.finfo(dtype).eps
-            assert ((got.float() - want).abs() <= half_scale * (1 + 1e-5) + slack).all()
+            # the half-precision cast of the result adds its own rounding on top of the int8 step (rotated: at most
+            # its L2 norm, the basis being orthonormal)
+            slack = 0 if dtype == torch.float32 else want.norm(dim=-1, keepdim=True) * torch.finfo(dtype).eps
+            assert ((got.float() @ basis - want).abs() <= half_scale * (1 + 1e-4) + slack).all()
 
 
 def _attention_oracle(q, k, v, start_pos, scale):
@@ -120,8 +136,10 @@ def test_attention_through_int8_cache():
         cache.write(k_all[1][:hist_b], v_all[1][:hist_b], torch.tensor(_slots(table_b, range(hist_b))))
         outs[name] = paged_attention(q, new_k, new_v, cache, meta, scale)
 
-    def rounded(x):
-        return dequantize_int8(*quantize_int8(x), torch.float32)
+    def rounded(x, rot=torch.eye(HEAD_DIM)):
+        return dequantize_int8(*quantize_int8(x @ rot), torch.float32) @ rot.T
+
+    rot = _hadamard(HEAD_DIM)
 
     exact = torch.cat(
         [
@@ -132,11 +150,32 @@ def test_attention_through_int8_cache():
     # every K/V this batch reads goes through the int8 cache (decode and a chunk with a cached prefix)
     quantized = torch.cat(
         [
-            _attention_oracle(q[:1], rounded(k_all[0]), rounded(v_all[0]), hist_a, scale),
-            _attention_oracle(q[1:], rounded(k_all[1]), rounded(v_all[1]), hist_b, scale),
+            _attention_oracle(q[:1], rounded(k_all[0], rot), rounded(v_all[0]), hist_a, scale),
+            _attention_oracle(q[1:], rounded(k_all[1], rot), rounded(v_all[1]), hist_b, scale),
         ]
     )
     torch.testing.assert_close(outs["fp32"], exact, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["int8"], quantized, atol=1e-5, rtol=1e-5)
     err = (outs["int8"] - exact).abs().max().item()
     assert 0 < err < 0.03, err  # int8 really was used, and costs little
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 96])
+def test_key_rotation_is_orthonormal(head_dim):
+    rot = key_rotation(head_dim).double()
+    torch.testing.assert_close(rot @ rot.T, torch.eye(head_dim, dtype=torch.float64), atol=1e-6, rtol=0)
+    if head_dim & (head_dim - 1) == 0:
+        torch.testing.assert_close(rot.float(), _hadamard(head_dim))
+
+
+def test_rotation_shrinks_the_error_of_keys_with_outlier_channels():
+    """Post-RoPE keys have a few channels far above the rest; in the rotated basis they share the int8 range."""
+    g = torch.Generator().manual_seed(7)
+    head_dim = 64
+    k = torch.randn(32, KV_HEADS, head_dim, generator=g)
+    k[..., [3, 35]] *= 8  # one RoPE pair (neox halves) carrying most of the magnitude
+    cache = Int8KVCache.empty(NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, head_dim)
+    cache.write(k, k, torch.arange(32))
+    k_out, v_out = cache.gather(torch.arange(NUM_BLOCKS), torch.float32)
+    rotated_err, plain_err = (k_out[:32] - k).norm(), (v_out[:32] - k).norm()  # values are stored unrotated
+    assert plain_err > 0 and rotated_err < 0.6 * plain_err, (rotated_err, plain_err)

@@ -149,6 +149,14 @@ def quant_dequant(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / scale.clamp_min(1e-30)).clamp(-127, 127) * scale
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix / sqrt(n) (n a power of two): the rotation keys are quantized in."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / math.sqrt(n)
+
+
 @pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
 @pytest.mark.parametrize("give_masks", [True, False], ids=["masks", "no_masks"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
@@ -190,19 +198,21 @@ def test_int8_kv_cache(give_masks, alibi):
     outs, own = run(seqs, MIXED, garbage_cache(num_blocks, kv_heads, torch.float32, True, 6), give_masks, slopes)
     worst = 0.0
     for seq, out, own_kv in zip(seqs, outs, own, strict=True):
-        kq, vq = quant_dequant(seq.k), quant_dequant(seq.v)
+        rot = hadamard(D)
+        kq, vq = quant_dequant(seq.k @ rot) @ rot.T, quant_dequant(seq.v)
         exact = reference(seq, slopes=slopes)
         # Queries of a prefill chunk starting at 0 attend to their own unquantized K/V, every other read sees the
         # int8 values: choosing the reference per query this way leaves only fp32 rounding, hence 1e-5.
         mixed = torch.where(own_kv[:, None, None], exact, reference(seq, kq, vq, slopes))
         torch.testing.assert_close(out.double(), mixed, rtol=1e-5, atol=1e-5)
-        # Against the unquantized reference: each K/V element moves by at most s/2 (s = amax / 127 of its token
-        # and head), so each score by at most delta = scale * |q|_1 * max s_k / 2, each probability by a factor
-        # within exp(+-2 delta), and the output by (exp(2 delta) - 1) * max|v| + max s_v / 2.
-        s_k = seq.k.abs().amax(-1).repeat_interleave(heads // kv_heads, dim=1).amax(0) / 127  # [H]
+        # Against the unquantized reference: each element of V and of the rotated keys k R moves by at most s/2
+        # (s = amax / 127 of its token and head), so each score q.k = (q R).(k R) by at most
+        # delta = scale * |q R|_1 * max s_k / 2, each probability by a factor within exp(+-2 delta), and the output
+        # by (exp(2 delta) - 1) * max|v| + max s_v / 2.
+        s_k = (seq.k @ rot).abs().amax(-1).repeat_interleave(heads // kv_heads, dim=1).amax(0) / 127  # [H]
         s_v = seq.v.abs().amax(-1).repeat_interleave(heads // kv_heads, dim=1).amax(0) / 127
         v_max = seq.v.abs().repeat_interleave(heads // kv_heads, dim=1).amax(0)  # [H, D]
-        delta = SCALE * seq.q.abs().sum(-1) * s_k / 2  # [L, H]
+        delta = SCALE * (seq.q @ rot).abs().sum(-1) * s_k / 2  # [L, H]
         bound = torch.expm1(2 * delta)[..., None] * v_max + s_v[:, None] / 2 + 1e-5
         err = (out.double() - exact).abs()
         assert (err <= bound).all(), f"int8 error {err.max():.3g} above the derived bound"

@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from rtp_mm.llm.engine import sampler
 from rtp_mm.llm.engine.generate_config import GenerateConfig
 from rtp_mm.llm.engine.request import Request
 from rtp_mm.llm.engine.sampler import apply_penalties, sample
@@ -101,7 +102,7 @@ def test_greedy_equals_argmax():
     expected = [max(range(50), key=lambda j, row=row: row[j]) for row in logits.tolist()]
     greedy_k1 = [make_req(GenerateConfig(top_k=1)) for _ in range(6)]
     assert sample(logits, greedy_k1)[0] == expected
-    # Mixed batch (temperature 0 rows next to a sampling row) takes the per-row path: still argmax.
+    # Mixed batch (temperature 0 rows next to a sampling row) takes the general path: still argmax.
     mixed = [make_req(GenerateConfig(temperature=0.0)) for _ in range(5)] + [make_req(GenerateConfig())]
     assert sample(logits, mixed)[0][:5] == expected[:5]
 
@@ -190,18 +191,18 @@ def _expected_probs(temperature: float, top_k: int, top_p: float) -> list[float]
     ],
 )
 def test_the_distribution_handed_to_the_draw_is_exact(monkeypatch, temperature, top_k, top_p):
-    # Exact (no sampling noise) complement of the statistical tests: spy on the probabilities torch.multinomial gets.
+    # Exact (no sampling noise) complement of the statistical tests: spy on the probabilities the draw gets.
     seen = []
-    real = torch.multinomial
+    real = sampler._draw
 
     def spy(probs, *args, **kwargs):
         seen.append(probs.clone())
         return real(probs, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "multinomial", spy)
+    monkeypatch.setattr(sampler, "_draw", spy)
     config = GenerateConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     sample(torch.tensor([LOGITS]), [make_req(config)])
-    (probs,) = seen
+    ((probs,),) = seen  # [1, vocab]: the one sampled row
     assert probs.tolist() == pytest.approx(_expected_probs(temperature, top_k, top_p), abs=1e-6)
 
 

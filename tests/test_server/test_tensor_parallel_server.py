@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from rtp_mm import LLM, GenerateConfig, ModelConfig
-from rtp_mm_testing.oracle import random_prompts, save_hf, tiny_bpe_tokenizer, tiny_llama
+from rtp_mm_testing.llava import SIZES, image, processor, save_llava, tiny_llava
+from rtp_mm_testing.oracle import TINY_CHAT_TEMPLATE, random_prompts, save_hf, tiny_bpe_tokenizer, tiny_llama
 from rtp_mm_testing.serving import start_server_process
 from rtp_mm_testing.tp_cases import CASES
 
@@ -168,3 +169,59 @@ def test_torchrun_launch_serves_tp1_tokens(ckpt, reference):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def _tiny_llava_server_checkpoint(path: Path) -> Path:
+    """A tiny LLaVA-1.5 (HF layout, CLIP tower) with a chat template and a tokenizer whose ``<image>`` is the
+    checkpoint's image_token_index, so images can be sent over HTTP."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_llava("1.5")
+    save_llava(model, processor("1.5"), path, "save_pretrained")
+    tiny_bpe_tokenizer(path, SENTENCES, chat_template=TINY_CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(str(path))
+    config = json.loads((path / "config.json").read_text())
+    config["image_token_index"] = config["image_token_id"] = tokenizer.convert_tokens_to_ids("<image>")
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_tp2_server_multimodal_matches_tp1(tmp_path):
+    """LLaVA over HTTP (OpenAI chat with a data: URL image): rank 0 decodes, preprocesses and encodes the image, and
+    its rows reach rank 1 in the broadcast batch; TP_SPLIT_EMB_AND_LMHEAD on and off give TP=1's text and logprobs."""
+    import base64
+    import io
+
+    path = _tiny_llava_server_checkpoint(tmp_path / "llava")
+    picture = image(SIZES[1], 3)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+    messages = [{"role": "user", "content": parts}]
+    config = GenerateConfig(max_new_tokens=8, top_k=1, ignore_eos=True, logprobs=1)
+    with LLM(ModelConfig(model_type="llava", ckpt_path=str(path), weight_type="FP32"), kv_cache_mem_mb=16) as llm:
+        (ref,) = llm.chat(messages, config)
+    want = [entry[token] for entry, token in zip(ref.logprobs, ref.token_ids, strict=True)]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    body["extra_configs"] = {"ignore_eos": True}
+    for split in ("1", "0"):
+        env = _server_env(MODEL_TYPE="llava", TP_SIZE="2", TP_SPLIT_EMB_AND_LMHEAD=split)
+        proc, base = start_server_process(path, **env)
+        try:
+            req = urllib.request.Request(
+                base + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                choice = json.loads(resp.read())["choices"][0]
+            assert choice["message"]["content"] == ref.text
+            got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+            assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -123,6 +123,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
         self.rotary = rotary
         self.scale = spec.attn_scale if spec.attn_scale is not None else 1.0 / math.sqrt(spec.head_dim)
+        self.attend = paged_attention  # the kernel backend's op (transforms.use_triton_kernels swaps it)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: KVCache) -> torch.Tensor:
         spec = self.spec
@@ -133,7 +134,7 @@ class Attention(nn.Module):
         q, k = qk.split([spec.num_heads, spec.num_kv_heads], dim=1)
         if ctx.logn is not None:
             q = q * ctx.logn[:, None, None].to(q.dtype)
-        out = paged_attention(q, k, v, cache, ctx.meta, self.scale, ctx.alibi_slopes)
+        out = self.attend(q, k, v, cache, ctx.meta, self.scale, ctx.alibi_slopes)
         return self.reduce(self.o(out.reshape(-1, spec.q_size)))
 
 

@@ -41,6 +41,23 @@ def quantize_int8_weights(model: Decoder, quantize_embedding: bool = True) -> De
     return model
 
 
+def use_triton_kernels(model: Decoder) -> str:
+    """The Triton backend (``rtp_mm.kernels.triton``, chosen once at start-up on CUDA): paged attention (decode and
+    prefill chunks, fp16/bf16/fp32 and INT8 KV) and the INT8 weight-only GEMM, behind the same op signatures as the
+    torch reference ops they replace. Returns what it swapped, for the start-up log."""
+    from rtp_mm.kernels.triton.int8_linear import int8_weight_linear
+    from rtp_mm.kernels.triton.paged_attention import paged_attention
+
+    swapped = {"paged attention"}
+    for module in model.modules():
+        if hasattr(module, "attend"):
+            module.attend = paged_attention
+        if isinstance(module, Int8WeightLinear):
+            module.matmul = int8_weight_linear
+            swapped.add("int8 GEMM")
+    return "triton " + " + ".join(sorted(swapped))
+
+
 def resident_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights a model keeps resident: every distinct parameter/buffer storage (a tied table counts
     once) plus tensors that kernels hold outside the parameter system (e.g. oneDNN-packed weights)."""
