@@ -53,26 +53,12 @@ def families(folder: Path) -> list[tuple[str, str, torch.nn.Module, int]]:
     ]
 
 
-@torch.no_grad()
-def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, device: str) -> list[int]:
-    ids = torch.tensor([prompt], device=device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def check_family(
     name, model_type, model, vocab, path: Path, weight_type: str, max_new_tokens: int, device: str
 ) -> tuple[int, int]:
     """(prompts whose greedy tokens equal HF's, prompts)."""
     from rtp_mm import LLM, GenerateConfig, ModelConfig
+    from rtp_mm_testing.oracle import hf_greedy  # importable once families() put the test kit on sys.path
 
     dtype = torch.float32 if weight_type == "FP32" else torch.float16
     hf = model.to(device, dtype)
@@ -83,7 +69,7 @@ def check_family(
         outs = llm.generate(prompts, GenerateConfig(max_new_tokens=max_new_tokens, top_k=1, ignore_eos=True))
     same = 0
     for prompt, out in zip(prompts, outs, strict=True):
-        expected = hf_greedy(hf, prompt, max_new_tokens, device)
+        expected = hf_greedy(hf, prompt, max_new_tokens)
         if out.token_ids == expected:
             same += 1
         else:

@@ -71,9 +71,11 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
 
 @torch.no_grad()
 def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF ``generate``'s greedy tokens (EOS ignored), on the model's device (scripts/gpu_parity.py runs it on CUDA)."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         min_new_tokens=max_new_tokens,
         do_sample=False,

@@ -132,3 +132,25 @@ def test_tp3_default_gguf_model_matches_tp1():
     (ref, (whole,)), (got, per_rank) = outs
     _assert_same(ref, got, "default model TP=3")
     assert len(per_rank) == 3 and max(per_rank) < 0.4 * whole, (per_rank, whole)
+
+
+def test_tp2_prompt_lookup_speculation_and_prompt_logprobs(tmp_path):
+    """Work beyond plain steps reaches the workers too: speculative verification rows (SP_TYPE=prompt_lookup) and
+    prompt logprobs (several head calls per step) give TP=1's tokens and logprobs under TP=2."""
+    from rtp_mm import LLM, ModelConfig, SpeculativeConfig
+
+    path = save_hf(tiny_llama(), tmp_path / "llama")
+    prompts = [p * 3 for p in random_prompts(320, [4, 6], seed=8)]  # repeats: prompt lookup finds proposals
+    config = GenerateConfig(max_new_tokens=12, top_k=1, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+    outs = []
+    for tp in (1, 2):
+        model = ModelConfig(model_type="llama", ckpt_path=str(path), weight_type="FP32", gen_num_per_circle=4)
+        sp = SpeculativeConfig("prompt_lookup")
+        parallel = ParallelConfig(tp_size=tp)
+        with LLM(model, kv_cache_mem_mb=16, skip_tokenizer_init=True, speculative=sp, parallel=parallel) as llm:
+            outs.append(llm.generate(prompts, config))
+    _assert_same(outs[0], outs[1], "prompt lookup")
+    assert any(out.aux_info["sp_proposed_len"] for out in outs[1])
+    for a, b in zip(*outs, strict=True):
+        for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+            assert all(abs(eb[t] - lp) < 1e-4 for t, lp in ea.items())

@@ -133,6 +133,15 @@ def test_killed_rank_stops_the_server_within_30_s(ckpt, reference):
     assert "tensor-parallel rank 0 of 2: a collective failed, so another rank died or hung" in err, err[-2000:]
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the graceful shutdown that also stops the ranks), then a kill if it takes longer than 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,11 +173,7 @@ def test_torchrun_launch_serves_tp1_tokens(ckpt, reference):
                 time.sleep(0.3)
         _check_against(url, reference)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
 def _tiny_llava_server_checkpoint(path: Path) -> Path:
@@ -220,8 +225,4 @@ def test_tp2_server_multimodal_matches_tp1(tmp_path):
             got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
             assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
