@@ -154,3 +154,24 @@ def test_tp2_prompt_lookup_speculation_and_prompt_logprobs(tmp_path):
     for a, b in zip(*outs, strict=True):
         for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
             assert all(abs(eb[t] - lp) < 1e-4 for t, lp in ea.items())
+
+
+def test_tp2_embedding_model_matches_the_golden_embeddings():
+    """sgpt_bloom_vector under TP=2: rank 0 announces each embedding forward (prompts, not a step) and the workers run
+    it too; the pooled vectors match the golden SGPT-BLOOM embeddings as TP=1 does."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rtp_mm import LLM, ModelConfig
+
+    folder = GOLDEN / "sgpt_bloom_vector"
+    inputs = {case["name"]: case for case in json.loads((folder / "inputs.json").read_text())}
+    expected = load_file(str(folder / "expected.safetensors"))
+    model = ModelConfig(model_type="sgpt_bloom_vector", ckpt_path=str(folder / "checkpoint"), weight_type="FP32")
+    with LLM(model, kv_cache_mem_mb=16, skip_tokenizer_init=True, parallel=ParallelConfig(tp_size=2)) as llm:
+        for name in ("query", "document", "plain_long"):
+            got = llm.embed([inputs[name]["input_ids"]])[0]
+            want = expected[f"embedding_{name}"]
+            cosine = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=0)
+            assert float(cosine) >= 0.9999, name
