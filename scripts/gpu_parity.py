@@ -1,6 +1,6 @@
 """Greedy parity of rtp-mm against HF transformers on CUDA, for three families (llama, qwen_2, gpt_neox).
 
-Tiny random HF models are built with the test kit's builders (tests/rtp_mm_testing/oracle.py; gpt_neox's here),
+Tiny random HF models are built with the test kit's builders (tests/rtp_mm_testing/oracle.py),
 saved to a temporary folder and served by ``rtp_mm.LLM`` with DEVICE cuda. In FP32 every prompt's greedy tokens
 must equal HF ``generate``'s on the same GPU (the exit status says whether they do); FP16 is reported as the share
 of prompts whose tokens agree (informational: tiny random models have near ties that half precision can flip).
@@ -22,34 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [5, 9, 17, 23, 3, 31, 12, 40]  # odd lengths across KV blocks, several prefill chunk sizes
 
 
-def tiny_gpt_neox(path: Path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(3)
-    cfg = GPTNeoXConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        tie_word_embeddings=False,
-    )
-    model = GPTNeoXForCausalLM(cfg).eval()
-    model.save_pretrained(str(path))
-    return model
-
-
 def families(folder: Path) -> list[tuple[str, str, torch.nn.Module, int]]:
     """(name, MODEL_TYPE, HF model saved under folder/name, vocabulary size)."""
     sys.path.insert(0, str(ROOT / "tests"))  # the test kit's builders, so the models are the ones the tests use
-    from rtp_mm_testing.oracle import TINY_LLAMA, TINY_QWEN2, tiny_llama, tiny_qwen2
+    from rtp_mm_testing.oracle import TINY_GPT_NEOX, TINY_LLAMA, TINY_QWEN2, tiny_gpt_neox, tiny_llama, tiny_qwen2
+
+    partial_rotary = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
 
     return [
         ("llama", "llama", tiny_llama(folder / "llama"), TINY_LLAMA["vocab_size"]),
         ("qwen2", "qwen_2", tiny_qwen2(folder / "qwen2"), TINY_QWEN2["vocab_size"]),
-        ("gpt_neox", "gpt_neox", tiny_gpt_neox(folder / "gpt_neox"), 300),
+        (
+            "gpt_neox",
+            "gpt_neox",
+            tiny_gpt_neox(folder / "gpt_neox", rope_parameters=partial_rotary),
+            TINY_GPT_NEOX["vocab_size"],
+        ),
     ]
 
 

@@ -49,6 +49,28 @@ def tiny_llama(path: Path | None = None, seed: int = 1, **overrides):
     return model
 
 
+TINY_GPT_NEOX = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_gpt_neox(path: Path | None = None, seed: int = 3, **overrides):
+    """A tiny random HF GPTNeoXForCausalLM (q/k/v interleaved per head in one tensor), saved to ``path`` when given."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**TINY_GPT_NEOX, **overrides})).eval()
+    if path is not None:
+        save_hf(model, path)
+    return model
+
+
 def tiny_qwen2(path: Path | None = None, seed: int = 2, bias_std: float = 0.5, **overrides):
     """A tiny random HF Qwen2ForCausalLM whose q/k/v biases are non-zero (random init leaves them at zero)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -32,6 +32,7 @@ from rtp_mm_testing.oracle import (
     assert_close_to_reference,
     hf_greedy,
     random_prompts,
+    tiny_gpt_neox,
     tiny_llama,
     tiny_llm,
     tiny_qwen2,
@@ -222,20 +223,7 @@ def test_adapters_over_narrow_weight_storage(llama, weight_type):
 
 def test_fused_qkv_family_gpt_neox(tmp_path):
     """GPT-NeoX stores q/k/v interleaved per head in one tensor: its LoRA B rows go through the same reordering."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(41)
-    config = GPTNeoXConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    base = GPTNeoXForCausalLM(config).eval()
-    base.save_pretrained(str(tmp_path / "base"))
+    base = tiny_gpt_neox(tmp_path / "base", seed=41)
     spec = AdapterSpec(4, 8, ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"))
     oracle = make_adapter(base, tmp_path / "lora", spec, seed=3)
     prompts = random_prompts(300, [8, 15], seed=11)
