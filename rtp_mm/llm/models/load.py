@@ -82,7 +82,7 @@ def load_model(
         plan: dict = {}
         if shard is not None:
             expanded = expand_table(family_model.table, spec.num_layers)
-            plan, _ = read_plan(shard, expanded, {name for name, _ in model.named_parameters()})
+            plan = read_plan(shard, expanded, {name for name, _ in model.named_parameters()})
         rename = family_model.rename or (lambda name: name)
         # closing(): a load error stops the loader processes now, not when the traceback is freed.
         with closing(iter_tensors_parallel(ckpt, num_processes, lambda raw: plan.get(rename(raw)))) as tensors:

@@ -51,6 +51,10 @@ class Slices:
             offset += size
         return self.pad(torch.cat(pieces, dim=self.dim) if len(pieces) > 1 else pieces[0].clone())
 
+    def finish(self, t: torch.Tensor, name: str, presliced: bool) -> torch.Tensor:
+        """This rank's part of ``t``: already cut by the reader (``presliced``: only the padding is left), or whole."""
+        return self.pad(t) if presliced else self.apply(t, name)
+
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         missing = self.pad_to - t.shape[self.dim] if self.pad_to else 0
         if missing <= 0:
@@ -68,6 +72,9 @@ class FirstRankOnly:
 
     def apply(self, t: torch.Tensor, name: str) -> torch.Tensor:
         return t.clone() if self.keep else torch.zeros_like(t)
+
+    def finish(self, t: torch.Tensor, name: str, presliced: bool) -> torch.Tensor:
+        return self.apply(t, name)  # never read sliced: a bias is whole in the file
 
 
 Rule = Slices | FirstRankOnly
@@ -178,10 +185,9 @@ class Shard:
         return self.full.intermediate_size, self.rank * per, (self.rank + 1) * per
 
 
-def read_plan(
-    shard: Shard, expanded: dict[str, tuple | object], params: set[str]
-) -> tuple[dict[str, ReadSlice], set[str]]:
-    """Which checkpoint tensors this rank may read as a slice, and the targets then complete without slicing.
+def read_plan(shard: Shard, expanded: dict[str, tuple | object], params: set[str]) -> dict[str, ReadSlice]:
+    """Which checkpoint tensors this rank may read as a slice (the loader sees from a tensor's length whether the reader
+    did cut it).
 
     A target qualifies when each of its sources is untransformed and maps onto one section of its rule (a plain source
     onto a one-section rule; the parts of a dim-0 ``Cat`` onto the sections, e.g. q/k/v or gate/up) and no source feeds
@@ -206,9 +212,7 @@ def read_plan(
         elif cat_dim == rule.dim == 0 and len(parts) == len(rule.sections):
             sections = zip(parts, rule.sections, strict=True)
             candidates[target] = [(src.name, (0, lo, hi, size)) for src, (size, lo, hi) in sections]
-    presliced: set[str] = set()
-    for target, reads in candidates.items():
+    for reads in candidates.values():
         if all(len(owners[name]) == 1 for name, _ in reads):
             plan.update(reads)
-            presliced.add(target)
-    return plan, presliced
+    return plan

@@ -104,7 +104,7 @@ def load_weights(
         sliced = all(
             n in plan and p.shape[plan[n][0]] == plan[n][2] - plan[n][1] for n, p in zip(names, parts, strict=True)
         )
-        return rule.pad(value) if sliced and hasattr(rule, "pad") else rule.apply(value, target)
+        return rule.finish(value, target, sliced)
 
     unmapped = sorted(set(params) - set(expanded))
     if unmapped:
