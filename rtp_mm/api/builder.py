@@ -31,12 +31,14 @@ from rtp_mm.llm.engine.speculative import build_speculator
 from rtp_mm.llm.engine.tp import ShardDriver
 from rtp_mm.llm.engine.warmup import warm_up
 from rtp_mm.llm.lora.manager import LoraManager
+from rtp_mm.llm.models.decoder import Decoder
 from rtp_mm.llm.models.load import LoadedModel, load_model
 from rtp_mm.llm.models.packing import can_pack, pack_linears
 from rtp_mm.llm.models.ptuning import find_ptuning, prefix_kv
 from rtp_mm.llm.models.transforms import (
     quantize_int8_weights,
     resident_weight_bytes,
+    use_cpu_kernels,
     use_half_weights,
     use_triton_kernels,
 )
@@ -186,8 +188,7 @@ def build_model(model_config: ModelConfig, engine_config: EngineConfig, group: T
         lora.unsupported = f"LoRA adapters are not sharded under tensor parallelism (TP_SIZE={group.size})"
     lora.start(model_config.lora_infos)  # one adapter is merged here, into the weights before their transforms
     weight_path = apply_weight_transforms(loaded, model_config, dtype, weight_storage, engine_config.device)
-    if select_backend(device) == "triton":  # the kernel backend, chosen once: Triton on CUDA, else the torch ops
-        weight_path += "; " + use_triton_kernels(loaded.model)
+    weight_path += "; " + use_kernel_backend(loaded.model, device)
     spec = loaded.model.spec
     max_seq_len = model_config.max_seq_len or spec.default_max_seq_len or 1024
     block_size = model_config.seq_size_per_block
@@ -307,6 +308,17 @@ def _build_engine(
     return BuiltEngine(engine, model_info, tokenizer, vision, loaded.model)
 
 
+def use_kernel_backend(model: Decoder, device: str) -> str:
+    """The kernel backend, chosen once at start-up: Triton on CUDA, the C++ CPU kernels on a CPU that can build them,
+    else the torch ops. Returns the choice for the start-up log."""
+    backend = select_backend(device)
+    if backend == "triton":
+        return use_triton_kernels(model)
+    if torch.device(device).type == "cpu":
+        return use_cpu_kernels(model)
+    return "torch ops"
+
+
 def apply_weight_transforms(
     loaded: LoadedModel, model_config: ModelConfig, dtype: torch.dtype, weight_storage: torch.dtype | None, device: str
 ) -> str:
@@ -394,8 +406,7 @@ def _load_draft(
     if draft.model.spec.prefix_lm is not None:
         raise ConfigError(f"SP_MODEL_TYPE={info.name!r} is a prefix-LM (GLM v1): it cannot serve as a draft model")
     path = apply_weight_transforms(draft, config, dtype, resolve_dtypes(config, device)[1], device)
-    if select_backend(device) == "triton":
-        path += "; " + use_triton_kernels(draft.model)
+    path += "; " + use_kernel_backend(draft.model, device)
     logger.info("draft model %s from %s, weights %s", info.name, config.ckpt_path, path)
     return draft
 

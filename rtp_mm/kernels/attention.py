@@ -244,6 +244,21 @@ def paged_attention(
     nd = meta.num_decode_tokens
     if nd:
         pieces.append(_decode_attention(q[:nd], cache, meta, scale, alibi_slopes))
+    pieces += prefill_attention(q, k, v, cache, meta, scale, alibi_slopes)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cache: KVCache | Int8KVCache,
+    meta: AttnMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [num_heads]
+) -> list[torch.Tensor]:  # each prefill chunk's [q_len, num_heads, head_dim], in batch order
+    """The prefill chunks of a step whose K/V are already written to ``cache``."""
+    pieces: list[torch.Tensor] = []
     for chunk in meta.prefills:
         sl = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         total = chunk.start_pos + chunk.q_len
@@ -262,4 +277,4 @@ def paged_attention(
             q_pos = torch.arange(chunk.start_pos, total, device=q.device)
             mask = mask + alibi_bias(alibi_slopes, q_pos, total)[None]
         pieces.append(_sdpa(q[sl][None], kc, vc, mask, scale)[0])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return pieces

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from rtp_mm.kernels import cpu
 from rtp_mm.kernels.attention import (
     AttnMetadata,
     Int8KVCache,
@@ -36,6 +37,8 @@ MIXED = [(13, 11, 0, 5, 0), (9, 7, 1, 5, 0), (5, 3, 2, 5, 0), (4, 4, 3, 5, 0), (
 # next to a plain chunked causal prompt in the same batches.
 PREFIX_LM = [(10, 7, 0, 7, 5), (8, 6, 1, 6, 6), (9, 9, 0, 5, 0)]
 LAYOUTS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}  # (query heads, kv heads)
+# The torch reference op and the CPU backend's drop-in (C++ decode attention over the block tables, kernels/cpu).
+OPS = {"torch": paged_attention, "cpu": cpu.paged_attention}
 
 
 @dataclass
@@ -111,14 +114,14 @@ def build_step(seqs: list[Seq], entries, give_masks: bool):
     return q, k, v, meta, rows
 
 
-def run(seqs, specs, cache, give_masks=True, slopes=None, tamper=None):
+def run(seqs, specs, cache, give_masks=True, slopes=None, tamper=None, op=paged_attention):
     """Outputs [L, H, D] per sequence, and which queries sat in a prefill chunk starting at 0 (they attend to their
     own unquantized K/V, see Int8KVCache)."""
     outs = [torch.full_like(s.q, float("nan")) for s in seqs]
     own = [torch.zeros(s.q.shape[0], dtype=torch.bool) for s in seqs]
     for entries in schedule(specs):
         q, k, v, meta, rows = build_step(seqs, entries, give_masks)
-        out = paged_attention(q, k, v, cache, tamper(meta) if tamper else meta, SCALE, slopes)
+        out = op(q, k, v, cache, tamper(meta) if tamper else meta, SCALE, slopes)
         assert out.shape == q.shape and out.dtype == q.dtype
         for row, (i, p) in zip(out, rows, strict=True):
             outs[i][p] = row
@@ -157,10 +160,11 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("alibi", [False, True], ids=["no_alibi", "alibi"])
 @pytest.mark.parametrize("give_masks", [True, False], ids=["masks", "no_masks"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
-def test_mixed_batches_fp32(layout, give_masks, alibi):
+def test_mixed_batches_fp32(layout, give_masks, alibi, op):
     heads, kv_heads = LAYOUTS[layout]
     seqs, num_blocks = make_seqs(MIXED, heads, kv_heads, torch.float32, seed=1)
     steps = schedule(MIXED)
@@ -170,18 +174,21 @@ def test_mixed_batches_fp32(layout, give_masks, alibi):
     assert any(n > 1 and start > 0 for s in steps for _, start, n in s)  # chunked prefill
     assert any(len(s) == 1 and s[0][2] == 1 for s in steps)  # a lone decode
     slopes = alibi_slopes(heads) if alibi else None
-    outs, _ = run(seqs, MIXED, garbage_cache(num_blocks, kv_heads, torch.float32, False, 2), give_masks, slopes)
+    cache = garbage_cache(num_blocks, kv_heads, torch.float32, False, 2)
+    outs, _ = run(seqs, MIXED, cache, give_masks, slopes, op=OPS[op])
     for seq, out in zip(seqs, outs, strict=True):
         # fp32 op vs float64 reference over <= 13 keys: only fp32 rounding (~1e-7 relative) separates them
         torch.testing.assert_close(out.double(), reference(seq, slopes=slopes), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("give_masks", [True, False], ids=["masks", "no_masks"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
-def test_prefix_lm_bidirectional(layout, give_masks):
+def test_prefix_lm_bidirectional(layout, give_masks, op):
     heads, kv_heads = LAYOUTS[layout]
     seqs, num_blocks = make_seqs(PREFIX_LM, heads, kv_heads, torch.float32, seed=3)
-    outs, _ = run(seqs, PREFIX_LM, garbage_cache(num_blocks, kv_heads, torch.float32, False, 4), give_masks)
+    cache = garbage_cache(num_blocks, kv_heads, torch.float32, False, 4)
+    outs, _ = run(seqs, PREFIX_LM, cache, give_masks, op=OPS[op])
     for seq, out in zip(seqs, outs, strict=True):
         torch.testing.assert_close(out.double(), reference(seq), rtol=1e-5, atol=1e-5)
     # not vacuous: the first prompt's queries do see later keys of the bidirectional part

@@ -7,6 +7,7 @@ attention finds each sequence's context through ``AttnMetadata``. Internal param
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,15 +75,20 @@ def make_norm(spec: DecoderSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias)
 
 
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fp32_op = rms_norm_fp32  # the kernel backend's op (transforms.use_cpu_kernels swaps it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # same result as below in fp32
+            return self.fp32_op(x, self.weight, self.eps)  # same result as below in fp32
         # Normalise in float32 like the reference implementations, then scale in the model dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -95,6 +101,12 @@ _ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+def gated_activation(act: Callable, h: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of h = [gate | up] along the last dim."""
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -150,11 +162,12 @@ class MLP(nn.Module):
             self.up = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
         self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.act = _ACTIVATIONS[spec.activation]
+        # The kernel backend's op for act(gate) * up (transforms.use_cpu_kernels swaps it for a fused silu one).
+        self.act_mul = functools.partial(gated_activation, self.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = self.gate_up(x).split(self.inter, dim=-1)
-            return self.reduce(self.down(self.act(gate) * up))
+            return self.reduce(self.down(self.act_mul(self.gate_up(x))))
         return self.reduce(self.down(self.act(self.up(x))))
 
 
@@ -223,6 +236,9 @@ class Decoder(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=spec.lm_head_bias)
         self.tied_head: nn.Module | None = None  # set by weight transforms that need their own head copy
+        # A kernel backend's op over all layers at once for the steps it handles (returns None for the others), set
+        # by transforms.use_cpu_kernels (llm/models/cpu_layers.py).
+        self.layer_stack: Callable[[torch.Tensor, StepContext, list[KVCache]], torch.Tensor | None] | None = None
         # Plain attribute (the model is built on the meta device; these slopes must stay real). A rank's heads take
         # their slopes from the model's list.
         self.alibi = None
@@ -278,6 +294,9 @@ class Decoder(nn.Module):
             ctx.logn = torch.where(
                 pos1 > spec.logn_max_position, torch.log(pos1) / math.log(spec.logn_max_position), 1.0
             )
+        stacked = self.layer_stack(h, ctx, caches) if self.layer_stack is not None else None
+        if stacked is not None:
+            return self.norm(stacked)
         for layer, cache in zip(self.layers, caches, strict=True):
             h = layer(h, ctx, cache)
         return self.norm(h)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rtp_mm.kernels.linear import HalfWeightLinear, Int8WeightEmbedding, Int8WeightLinear
-from rtp_mm.llm.models.decoder import Decoder
+from rtp_mm.llm.models.cpu_layers import CpuDecodeStack
+from rtp_mm.llm.models.decoder import MLP, Decoder, RMSNorm
 
 
 def use_half_weights(model: Decoder, weight_dtype: torch.dtype = torch.float16) -> Decoder:
@@ -56,6 +60,70 @@ def use_triton_kernels(model: Decoder) -> str:
             module.matmul = int8_weight_linear
             swapped.add("int8 GEMM")
     return "triton " + " + ".join(sorted(swapped))
+
+
+class TiedHead(nn.Module):
+    """A tied LM head that projects with the embedding table itself (no copy) through a kernel backend's op."""
+
+    def __init__(self, matmul: Callable, weight: torch.Tensor, scale: torch.Tensor | None = None):
+        super().__init__()
+        self.matmul, self.weight, self.scale = matmul, weight, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return self.matmul(x, self.weight)
+        return self.matmul(x, self.weight, self.scale)
+
+
+def use_cpu_kernels(model: Decoder) -> str:
+    """The CPU backend (``rtp_mm.kernels.cpu``, chosen once at start-up on a CPU with AVX2 where the kernels build):
+    weight-only GEMVs for int8 / fp16 weights, RMSNorm, NeoX rotary, silu(gate) * up and paged decode attention,
+    behind the same op signatures as the torch ops they replace (each hands inputs outside its contract back to its
+    reference). Returns what it swapped, for the start-up log, or why the torch ops stay."""
+    from rtp_mm.kernels import cpu
+
+    reason = cpu.unavailable_reason()
+    if reason is not None:
+        return f"torch ops (CPU kernels unavailable: {reason})"
+    swapped = {"decode attention"}
+    for module in model.modules():
+        if hasattr(module, "attend"):
+            module.attend = cpu.paged_attention
+        if isinstance(module, Int8WeightLinear):
+            module.matmul = cpu.int8_weight_linear
+            swapped.add("int8 GEMV")
+        if isinstance(module, HalfWeightLinear):
+            module.matmul = cpu.half_weight_linear
+            swapped.add("fp16 GEMV")
+        if isinstance(module, RMSNorm):
+            module.fp32_op = cpu.rms_norm
+            swapped.add("RMSNorm")
+        if isinstance(module, MLP) and module.gated and module.act is F.silu:
+            module.act_mul = cpu.silu_mul
+            swapped.add("silu*up")
+    rotary = model.rotary
+    if rotary is not None and not rotary.spec.two_d and not rotary.spec.interleaved:
+        reference = rotary.apply
+
+        def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+            out = cpu.rotary_neox(x, cos, sin) if x.shape[-1] == rotary.dim else None
+            return reference(x, cos, sin) if out is None else out
+
+        rotary.apply = apply
+        swapped.add("rotary")
+    if model.spec.tie_word_embeddings and model.tied_head is None:
+        table = model.embed
+        if isinstance(table, Int8WeightEmbedding):
+            model.tied_head = TiedHead(cpu.int8_weight_linear, table.weight, table.scale)
+            swapped.add("int8 head")
+        elif table.weight.dtype == torch.float16:
+            model.tied_head = TiedHead(cpu.half_weight_linear, table.weight)
+            swapped.add("fp16 head")
+    refusal = CpuDecodeStack.refusal(model)
+    if refusal is None:
+        model.layer_stack = CpuDecodeStack(model)
+        swapped.add("whole-stack decode")
+    return "cpu kernels: " + ", ".join(sorted(swapped)) + (f" (no whole-stack decode: {refusal})" if refusal else "")
 
 
 def resident_weight_bytes(model: nn.Module) -> int:
