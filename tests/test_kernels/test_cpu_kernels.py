@@ -47,7 +47,7 @@ def _f64_linear(x, w, scale=None, bias=None):
     return out if bias is None else out + bias.double()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 13])
 @pytest.mark.parametrize("shape", [(7, 40), (96, 100), (960, 576)], ids=str)  # in: tail < 8, tail 4, 18 x 32
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_weight_only_linears(rows, shape, with_bias):
@@ -66,7 +66,7 @@ def test_weight_only_linears(rows, shape, with_bias):
 
 
 def test_linears_hand_more_rows_and_other_dtypes_to_the_reference():
-    x = torch.randn(cpu.GEMV_MAX_ROWS + 1, 16)
+    x = torch.randn(cpu.KERNEL_MAX_ROWS + 1, 16)
     q, scale = quantize_int8(torch.randn(8, 16))
     assert torch.equal(cpu.int8_weight_linear(x, q, scale), linear.int8_weight_linear(x, q, scale))
     bf16 = torch.randn(8, 16).bfloat16()

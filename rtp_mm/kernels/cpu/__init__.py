@@ -2,7 +2,7 @@
 
 | op (``torch.ops.rtp_mm_cpu``) | wrapper here | reference |
 |---|---|---|
-| ``int8_linear`` | ``int8_weight_linear`` | ``linear.int8_weight_linear`` |
+| ``int8_linear`` | ``int8_weight_linear`` (<= KERNEL_MAX_ROWS rows) | ``linear.int8_weight_linear`` |
 | ``half_linear`` | ``half_weight_linear`` | ``linear.half_weight_linear`` |
 | ``rms_norm`` | ``rms_norm`` | ``F.rms_norm`` |
 | ``rotary_neox_`` | ``rotary_neox`` | ``rope.RotaryEmbedding.apply`` (NeoX, whole head) |
@@ -36,9 +36,11 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-# Rows up to which the weight-only GEMV beats upcast + GEMM (each weight row is widened once per output channel and
-# reused from L1 for every row; above this the fp32 GEMM's blocking wins; BENCHMARKS.md).
-GEMV_MAX_ROWS = 8
+# Rows up to which the weight-only kernel beats upcast + fp32 GEMM: 4-row x 2-channel register tiles widen each 8
+# weights once per 4 rows. int8, one thread pair on the 2-core EPYC, weights streamed from DRAM (us, kernel / torch):
+# 960x576 at 1, 16, 32, 64 rows: 40/167, 211/392, 398/516, 776/737; 49152x576: 1268/4873, 8901/11217,
+# 19809/20342, 35674/33218. The whole-stack decode takes steps of up to this many decodes too.
+KERNEL_MAX_ROWS = 32
 
 
 def _cpu_flags() -> set[str]:
@@ -69,7 +71,10 @@ def _load() -> tuple[Any, str | None]:
         cpp_extension.load(
             name="rtp_mm_cpu",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"],
+            # -fopenmp for at::parallel_for's pragma (a header template); the GOMP symbols bind to torch's own
+            # OpenMP runtime when the library loads, since libgomp is not linked in (a second runtime's threads
+            # would fight torch's for the two cores).
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
@@ -102,7 +107,7 @@ def ops() -> Any:
 
 
 def _gemv_rows(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS
 
 
 def int8_weight_linear(

@@ -75,21 +75,38 @@ void check_rows(const at::Tensor& x, const char* op) {
               ": x must be a contiguous float32 [rows, in] tensor");
 }
 
-// R rows of x against one weight row at once: each 8 weights are widened once and used R times (R >= 4 keeps the
-// FMA chains independent enough; one row takes dot()'s four accumulators instead).
-template <typename W, int R>
-inline void dot_rows(const W* w, const float* x, int64_t ldx, int64_t n, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+// A 4-row x 2-channel tile: 8 independent FMA chains; per 8 inputs two weight vectors are widened once and four x
+// vectors loaded, each used twice (6 loads per 8 FMAs keeps the two FMA ports, not the load ports, the limit).
+template <typename W>
+inline void tile_4x2(const W* w0, const W* w1, const float* x, int64_t ldx, int64_t n, float* out /* [4][2] */) {
+  // Named accumulators, not an array: GCC keeps an array of vectors on the stack and reloads it every iteration.
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 wv = load8(w + i);
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i), acc[r]);
+    const __m256 v0 = load8(w0 + i), v1 = load8(w1 + i);
+    __m256 xv = _mm256_loadu_ps(x0 + i);
+    a00 = _mm256_fmadd_ps(v0, xv, a00);
+    a01 = _mm256_fmadd_ps(v1, xv, a01);
+    xv = _mm256_loadu_ps(x1 + i);
+    a10 = _mm256_fmadd_ps(v0, xv, a10);
+    a11 = _mm256_fmadd_ps(v1, xv, a11);
+    xv = _mm256_loadu_ps(x2 + i);
+    a20 = _mm256_fmadd_ps(v0, xv, a20);
+    a21 = _mm256_fmadd_ps(v1, xv, a21);
+    xv = _mm256_loadu_ps(x3 + i);
+    a30 = _mm256_fmadd_ps(v0, xv, a30);
+    a31 = _mm256_fmadd_ps(v1, xv, a31);
   }
-  for (int r = 0; r < R; ++r) {
-    float s = hsum(acc[r]);
-    for (int64_t j = i; j < n; ++j) s += load1(w + j) * x[r * ldx + j];
-    out[r] = s;
+  const __m256 acc[8] = {a00, a01, a10, a11, a20, a21, a30, a31};
+  for (int r = 0; r < 4; ++r) {
+    float s0 = hsum(acc[2 * r]), s1 = hsum(acc[2 * r + 1]);
+    for (int64_t j = i; j < n; ++j) {
+      s0 += load1(w0 + j) * x[r * ldx + j];
+      s1 += load1(w1 + j) * x[r * ldx + j];
+    }
+    out[2 * r] = s0;
+    out[2 * r + 1] = s1;
   }
 }
 
@@ -112,22 +129,26 @@ at::Tensor narrow_linear(const at::Tensor& x, const at::Tensor& w, const float* 
   const float* xp = x.data_ptr<float>();
   const W* wp = w.data_ptr<W>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+  // Pairs of output channels; rows four at a time through tile_4x2, the rest one at a time.
+  at::parallel_for(0, (out + 1) / 2, 32, [&](int64_t begin, int64_t end) {
     float acc[8];
-    for (int64_t o = begin; o < end; ++o) {
-      const W* wr = wp + o * in;
-      const float s = scale ? scale[o] : 1.0f, b = bp ? bp[o] : 0.0f;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t o = 2 * pair, o1 = std::min(o + 1, out - 1);  // an odd last channel pairs with itself
+      const W *w0 = wp + o * in, *w1 = wp + o1 * in;
+      const float s0 = scale ? scale[o] : 1.0f, s1 = scale ? scale[o1] : 1.0f;
+      const float b0 = bp ? bp[o] : 0.0f, b1 = bp ? bp[o1] : 0.0f;
       int64_t r = 0;
-      for (; r + 8 <= rows; r += 8) {
-        dot_rows<W, 8>(wr, xp + r * in, in, in, acc);
-        for (int k = 0; k < 8; ++k) yp[(r + k) * out + o] = acc[k] * s + b;
+      for (; r + 4 <= rows; r += 4) {
+        tile_4x2(w0, w1, xp + r * in, in, in, acc);
+        for (int k = 0; k < 4; ++k) {
+          yp[(r + k) * out + o] = acc[2 * k] * s0 + b0;
+          yp[(r + k) * out + o1] = acc[2 * k + 1] * s1 + b1;
+        }
       }
-      if (rows - r >= 4) {
-        dot_rows<W, 4>(wr, xp + r * in, in, in, acc);
-        for (int k = 0; k < 4; ++k) yp[(r + k) * out + o] = acc[k] * s + b;
-        r += 4;
+      for (; r < rows; ++r) {
+        yp[r * out + o] = dot(w0, xp + r * in, in) * s0 + b0;
+        yp[r * out + o1] = dot(w1, xp + r * in, in) * s1 + b1;
       }
-      for (; r < rows; ++r) yp[r * out + o] = dot(wr, xp + r * in, in) * s + b;
     }
   });
   return y;

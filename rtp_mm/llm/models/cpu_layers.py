@@ -76,7 +76,7 @@ class CpuDecodeStack:
 
     def __call__(self, h: torch.Tensor, ctx: StepContext, caches: list) -> torch.Tensor | None:
         meta, rows = ctx.meta, h.shape[0]
-        if meta.prefills or meta.num_decode_tokens != rows or rows > cpu.GEMV_MAX_ROWS or h.dtype != torch.float32:
+        if meta.prefills or meta.num_decode_tokens != rows or rows > cpu.KERNEL_MAX_ROWS or h.dtype != torch.float32:
             return None
         if ctx.logn is not None or ctx.alibi_slopes is not None or ctx.cos.shape[-1] != self.head_dim:
             return None
