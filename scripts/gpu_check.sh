@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks of issue 17, on a machine with an NVIDIA GPU, in under 10 minutes:
-#   1. the kernel tests compiled on CUDA          pytest -m gpu tests/test_kernels            (<= 240 s)
+#   1. the kernel and decode-graph tests on CUDA  pytest -m gpu tests/test_kernels
+#                                                 tests/test_llm/test_decode_graphs.py          (<= 240 s)
 #   2. greedy parity of llama, qwen_2, gpt_neox   scripts/gpu_parity.py (rtp-mm vs HF on CUDA) (<= 180 s)
 #   3. decode throughput at batch 1, 8 and 32     scripts/gpu_decode_bench.py                  (<= 150 s)
 # Everything (versions, the GPU, each step's output and exit status) goes to the file given as $1
@@ -42,7 +43,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$results
 "$python" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
     >>"$results" 2>&1
 
-step "kernel tests on CUDA" 240 "$python" -m pytest -m gpu tests/test_kernels -q -p no:cacheprovider -rs
+step "kernel and decode-graph tests on CUDA" 240 "$python" -m pytest -m gpu tests/test_kernels \
+    tests/test_llm/test_decode_graphs.py -q -p no:cacheprovider -rs
 step "greedy parity against HF transformers on CUDA" 180 "$python" scripts/gpu_parity.py
 step "decode throughput (batch 1/8/32)" 150 "$python" scripts/gpu_decode_bench.py --batch-sizes 1,8,32
 

@@ -21,6 +21,7 @@ from rtp_mm.errors import ConfigError
 from rtp_mm.kernels.collectives import TPGroup
 from rtp_mm.kernels.linear import HALF_GEMV_MAX_ROWS
 from rtp_mm.kernels.triton import select_backend
+from rtp_mm.llm.engine import cuda_graphs
 from rtp_mm.llm.engine.block_manager import BlockManager
 from rtp_mm.llm.engine.engine import LLMEngine, ModelLimits
 from rtp_mm.llm.engine.kv_prefix import KVPrefix
@@ -252,8 +253,11 @@ def _build_engine(
         runner.kv_prefix = KVPrefix.reserve(runner.caches, block_size, kv, -(-max_seq_len // block_size))
         logger.info("P-tuning v2 prefix of %d tokens from %s", kv.shape[2], model_config.ptuning_path)
     prefix = runner.kv_prefix
-    reserved = prefix.num_blocks if prefix else 0
-    bm = BlockManager(num_blocks - reserved, block_size, enable_prefix_caching=engine_config.reuse_cache)
+    usable = num_blocks - (prefix.num_blocks if prefix else 0)
+    if engine_config.pre_allocate_op_mem and torch.device(device).type in cuda_graphs.CAPTURE_DEVICES:
+        usable, line = cuda_graphs.attach_decode_graphs(runner, usable, max_seq_len, engine_config.concurrency_limit)
+        logger.info("%s (PRE_ALLOCATE_OP_MEM=1)", line)
+    bm = BlockManager(usable, block_size, enable_prefix_caching=engine_config.reuse_cache)
     scheduler = Scheduler(bm, engine_config.concurrency_limit, engine_config.step_token_budget)
     sp = engine_config.speculative
     draft_runner = draft and ModelRunner(draft.model, num_blocks, block_size, int8_kv=engine_config.int8_kv_cache)

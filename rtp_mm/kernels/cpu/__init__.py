@@ -175,3 +175,8 @@ def paged_attention(
     if not meta.prefills:
         return decoded
     return torch.cat([decoded, *attention.prefill_attention(q, k, v, cache, meta, scale, alibi_slopes)])
+
+
+# Whether a decode graph may capture this op over ``cache`` (llm/engine/cuda_graphs.py): the C++ decode attention reads
+# the context lengths from tensors; other caches fall back to the reference, which cuts contexts with host ints.
+paged_attention.graph_safe = lambda cache: type(cache) is attention.KVCache and cache.k.dtype == torch.float32  # type: ignore[attr-defined]

@@ -30,3 +30,8 @@ def paged_attention(
         rows = slice(chunk.q_start, chunk.q_start + chunk.q_len)
         out[rows] = prefill_attention(q[rows], k[rows], v[rows], cache, chunk, scale, alibi_slopes, meta.first_key)
     return out
+
+
+# Whether a decode graph may capture this op over a cache (llm/engine/cuda_graphs.py): the kernels read the decodes'
+# context lengths from tensors, for every cache kind.
+paged_attention.graph_safe = lambda cache: True  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from rtp_mm.kernels.attention import AttnMetadata, Int8KVCache, KVCache, PrefillChunk, causal_mask, decode_mask
+from rtp_mm.llm.engine.cuda_graphs import DecodeGraphs
 from rtp_mm.llm.engine.embedding import prefill_hidden
 from rtp_mm.llm.engine.kv_prefix import KVPrefix
 from rtp_mm.llm.engine.rejection import verify
@@ -98,6 +99,9 @@ class ModelRunner:
         # that every rank enters the same collectives (llm/engine/tp.py). None on one rank and on the workers.
         self.announce: Callable[[tuple[Any, ...]], None] | None = None
         self.lora: LoraManager | None = None  # LoRA adapters: each forward applies its sequences' adapters (llm/lora)
+        # Decode CUDA graphs (PRE_ALLOCATE_OP_MEM on CUDA, cuda_graphs.py) and the KV block their pad rows use.
+        self.graphs: DecodeGraphs | None = None
+        self.pad_block: int | None = None
         spec = model.spec
         kv_dtype = kv_dtype or self.dtype
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
@@ -278,6 +282,9 @@ class ModelRunner:
             embeds = self.model.embed_tokens(safe_ids)
             for row, rows in inputs.mm_rows:
                 embeds[row : row + rows.shape[0]] = rows.to(embeds.dtype)
+        hidden = self.graphs.run(batch, inputs) if self.graphs is not None and embeds is None else None
+        if hidden is not None:
+            return hidden, inputs
         with self.lora.step(batch.seqs) if self.lora is not None else nullcontext():
             hidden = self.model(
                 inputs.input_ids,

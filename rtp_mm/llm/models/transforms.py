@@ -91,10 +91,10 @@ def use_cpu_kernels(model: Decoder) -> str:
             module.attend = cpu.paged_attention
         if isinstance(module, Int8WeightLinear):
             module.matmul = cpu.int8_weight_linear
-            swapped.add("int8 GEMV")
+            swapped.add(f"int8 GEMM up to {cpu.KERNEL_MAX_ROWS} rows")
         if isinstance(module, HalfWeightLinear):
             module.matmul = cpu.half_weight_linear
-            swapped.add("fp16 GEMV")
+            swapped.add(f"fp16 GEMM up to {cpu.KERNEL_MAX_ROWS} rows")
         if isinstance(module, RMSNorm):
             module.fp32_op = cpu.rms_norm
             swapped.add("RMSNorm")
