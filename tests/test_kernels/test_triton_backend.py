@@ -39,6 +39,7 @@ def test_triton_backend_keeps_greedy_output(tmp_path, case, weight_type, int8_kv
         swapped = llm.client.call(lambda engine: use_triton_kernels(engine.runner.model))
         fast = llm.generate(prompts, GREEDY)
     assert "paged attention" in swapped and ("int8 GEMM" in swapped) == (weight_type == "INT8")
+    assert ("rotary" in swapped) == (case != "bloom_alibi")
     for ref, out in zip(reference, fast, strict=True):
         assert out.token_ids == ref.token_ids
         for a, b in zip(ref.logprobs, out.logprobs, strict=True):

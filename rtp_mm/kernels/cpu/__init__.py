@@ -10,7 +10,7 @@
 | ``decode_attention`` | ``paged_attention`` (drop-in) | ``attention.paged_attention`` |
 
 Every wrapper keeps its reference's signature and hands any input outside its kernel's contract (other dtypes,
-devices, more rows than a GEMV) to the reference, so swapping them in never changes what a model accepts.
+devices, more rows than KERNEL_MAX_ROWS) to the reference, so swapping them in never changes what a model accepts.
 
 The kernels need AVX2, FMA and F16C (every x86-64 CPU since 2013; the AVX-512 machines here run the same code) and
 a C++ compiler: ``torch.utils.cpp_extension`` builds them on first use into its cache (TORCH_EXTENSIONS_DIR, by

@@ -4,7 +4,7 @@ At batch 1 on these 2-core machines the module tree's Python and dispatch cost (
 calls and ~25 ops) exceeds the layer's own maths once the weights are int8 or fp16, so ``CpuDecodeStack`` hands a
 step of decodes only to ``torch.ops.rtp_mm_cpu.decode_layers`` (rtp_mm/kernels/cpu/kernels.cpp), which runs the same
 ops as the modules (RMSNorm, fused q/k/v, NeoX rotary, paged attention, o, residual, gated silu MLP) in C++. Any
-other step (prefill chunks, more rows than a GEMV, Qwen logn scaling) returns None and runs the modules.
+other step (prefill chunks, more than KERNEL_MAX_ROWS rows, Qwen logn scaling) returns None and runs the modules.
 
 It applies to a model whose every layer is the llama shape: RMSNorm with float32 weights, no parallel or DeepNorm
 residual, NeoX rotary over the whole head, gated silu MLP, int8 or fp16 weight-only projections, one rank.

@@ -47,10 +47,12 @@ def quantize_int8_weights(model: Decoder, quantize_embedding: bool = True) -> De
 
 def use_triton_kernels(model: Decoder) -> str:
     """The Triton backend (``rtp_mm.kernels.triton``, chosen once at start-up on CUDA): paged attention (decode and
-    prefill chunks, fp16/bf16/fp32 and INT8 KV) and the INT8 weight-only GEMM, behind the same op signatures as the
-    torch reference ops they replace. Returns what it swapped, for the start-up log."""
+    prefill chunks, fp16/bf16/fp32 and INT8 KV), the INT8 weight-only GEMM and the rotary variants (NeoX,
+    interleaved, partial, GLM 2D), behind the same op signatures as the torch reference ops they replace. Returns
+    what it swapped, for the start-up log."""
     from rtp_mm.kernels.triton.int8_linear import int8_weight_linear
     from rtp_mm.kernels.triton.paged_attention import paged_attention
+    from rtp_mm.kernels.triton.rotary import apply_rotary
 
     swapped = {"paged attention"}
     for module in model.modules():
@@ -59,6 +61,12 @@ def use_triton_kernels(model: Decoder) -> str:
         if isinstance(module, Int8WeightLinear):
             module.matmul = int8_weight_linear
             swapped.add("int8 GEMM")
+    model.layer_stack = None  # a CPU backend's whole-stack op (tests swap backends on one model)
+    rotary = model.rotary
+    if rotary is not None:
+        spec = rotary.spec
+        rotary.apply = lambda x, cos, sin: apply_rotary(x, cos, sin, rotary.dim, spec.interleaved, spec.two_d)
+        swapped.add("rotary")
     return "triton " + " + ".join(sorted(swapped))
 
 
