@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rtp_mm.kernels.attention import AttnMetadata, decode_mask
+from rtp_mm.kernels.attention import AttnMetadata
 
 # Decode batch sizes captured (those up to the engine's concurrency limit, plus the limit itself up to 256).
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -113,9 +113,9 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
             self._forward(size)  # warm-up outside capture (lazy inits, autotuning)
             graph = factory()
-            if capture is None:
-                graph.fn = lambda size=size: self._forward(size)
+            if capture is None:  # EagerGraph: a replay writes into the captured output, as a CUDA graph does
                 self.outputs[size] = self._forward(size)
+                graph.fn = lambda size=size: self.outputs[size].copy_(self._forward(size))
             else:
                 with capture(graph):
                     self.outputs[size] = self._forward(size)
@@ -124,15 +124,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _forward(self, size: int) -> torch.Tensor:
-        width = self.tables.shape[1] * self.runner.block_size
-        lens = self.lens[:size]
         meta = AttnMetadata(
             slot_mapping=self.slots[:size],
             num_decode_tokens=size,
             decode_block_tables=self.tables[:size],
-            decode_context_lens=lens,
-            decode_max_context=width,  # an upper bound: graph-safe attention reads ``lens``
-            decode_mask=decode_mask(lens, width),
+            decode_context_lens=self.lens[:size],
+            # an upper bound; graph-safe attention reads the lengths and builds no mask
+            decode_max_context=self.tables.shape[1] * self.runner.block_size,
+            decode_mask=None,
             prefills=(),
             block_size=self.runner.block_size,
         )
@@ -144,8 +143,6 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:size],
             prompt_lens=self.prompt_lens[:size],
         )
-        if size in self.outputs:  # replays on CPU write into the captured output, as a CUDA graph does
-            self.outputs[size].copy_(out)
         return out
 
     def run(self, batch: Any, inputs: Any) -> torch.Tensor | None:

@@ -155,7 +155,6 @@ class MLP(nn.Module):
         super().__init__()
         self.reduce = reduce
         self.gated = spec.gated_mlp
-        self.inter = spec.intermediate_size
         if spec.gated_mlp:
             self.gate_up = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
         else:
